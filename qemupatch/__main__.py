@@ -1,0 +1,3 @@
+from qemupatch.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,131 @@
+"""The project's configuration: ``qemupatch.toml`` loaded into frozen data.
+
+The matrix is data, not code: upstream releases (and where each can be
+fetched from) and guest kernels are tables in the TOML file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qemupatch.errors import UserError
+
+CONFIG_NAME = "qemupatch.toml"
+SOURCE_KINDS = ("debian", "tarball", "git")
+
+
+@dataclass(frozen=True)
+class ReleaseSource:
+    """Where one upstream QEMU release can be fetched from."""
+
+    name: str
+    debian: str | None = None
+    tarball: str | None = None
+    sha256: str | None = None
+    git_url: str | None = None
+    git_ref: str | None = None
+
+    def kinds(self) -> tuple[str, ...]:
+        have = {
+            "debian": self.debian,
+            "tarball": self.tarball,
+            "git": self.git_url,
+        }
+        return tuple(k for k in SOURCE_KINDS if have[k])
+
+
+@dataclass(frozen=True)
+class GuestKernel:
+    """A Debian kernel a guest can boot, and the suite that has it."""
+
+    name: str
+    suite: str
+    image_package: str
+    headers_packages: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    root: Path
+    patches_dir: Path
+    cache_dir: Path
+    default_release: str
+    releases: tuple[ReleaseSource, ...]
+    prefer: tuple[str, ...] = SOURCE_KINDS
+    kernels: tuple[GuestKernel, ...] = field(default=())
+
+    def release(self, name: str) -> ReleaseSource | None:
+        for rel in self.releases:
+            if rel.name == name:
+                return rel
+        return None
+
+    def kernel(self, name: str) -> GuestKernel:
+        for k in self.kernels:
+            if k.name == name:
+                return k
+        known = ", ".join(k.name for k in self.kernels) or "none"
+        raise UserError(f"unknown guest kernel '{name}' in {CONFIG_NAME}; known: {known}")
+
+    @property
+    def mirror_dir(self) -> Path:
+        return self.cache_dir / "upstream.git"
+
+
+def default_cache_dir() -> Path:
+    if env := os.environ.get("QEMUPATCH_CACHE"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "qemupatch"
+
+
+def find_root(start: Path | None = None) -> Path:
+    """The nearest folder at or above ``start`` holding qemupatch.toml."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / CONFIG_NAME).is_file():
+            return folder
+    raise UserError(f"no {CONFIG_NAME} found in {here} or any parent folder")
+
+
+def load(root: Path | None = None, cache_dir: Path | None = None) -> Config:
+    root = find_root(root)
+    path = root / CONFIG_NAME
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: not valid TOML: {exc}") from exc
+    project = data.get("project", {})
+    releases = []
+    for entry in data.get("release", []):
+        try:
+            releases.append(ReleaseSource(**entry))
+        except TypeError as exc:
+            raise UserError(f"{path}: bad [[release]] entry {entry}: {exc}") from exc
+    kernels = []
+    for entry in data.get("kernel", []):
+        entry = dict(entry)
+        entry["headers_packages"] = tuple(entry.get("headers_packages", ()))
+        try:
+            kernels.append(GuestKernel(**entry))
+        except TypeError as exc:
+            raise UserError(f"{path}: bad [[kernel]] entry {entry}: {exc}") from exc
+    prefer = tuple(project.get("prefer", SOURCE_KINDS))
+    if bad := [p for p in prefer if p not in SOURCE_KINDS]:
+        raise UserError(f"{path}: unknown source kind(s) in prefer: {bad}")
+    try:
+        default_release = project["default_release"]
+    except KeyError:
+        raise UserError(f"{path}: [project] default_release is missing") from None
+    return Config(
+        root=root,
+        patches_dir=root / project.get("patches", "patches"),
+        cache_dir=cache_dir or default_cache_dir(),
+        default_release=default_release,
+        releases=tuple(releases),
+        prefer=prefer,
+        kernels=tuple(kernels),
+    )
