@@ -79,7 +79,9 @@ class Conflict(Failed):
 
 
 class CheckFailed(Failed):
-    pass
+    def __init__(self, message: str, results: Sequence[object] = ()):
+        super().__init__(message)
+        self.results = list(results)
 
 
 class InfraError(QemupatchError):

@@ -1,0 +1,217 @@
+"""The command line: parse, call the library, print.
+
+Each subcommand is a function registered with ``@command``; its name and help
+come from the function and its docstring.  Exit codes come from the error
+classes in errors.py (0 ok, 1 failed/conflict, 2 bad input, 3 infrastructure,
+20-24 boot-test stages, 30-33 builds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from qemupatch import config, report, workflow
+from qemupatch.errors import CheckFailed, QemupatchError, UserError
+from qemupatch.rebase import Rebase
+from qemupatch.upstream import add_release
+
+Handler = Callable[[argparse.Namespace, config.Config], int]
+COMMANDS: dict[str, tuple[Handler, list[tuple[tuple, dict]]]] = {}
+
+
+def arg(*names, **kwargs):
+    return (names, kwargs)
+
+
+def command(*args: tuple[tuple, dict]):
+    """Register a subcommand: name from the function, help from its docstring."""
+
+    def register(fn: Handler) -> Handler:
+        COMMANDS[fn.__name__.removeprefix("cmd_").replace("_", "-")] = (fn, list(args))
+        return fn
+
+    return register
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+def progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# -- upstream ------------------------------------------------------------------
+
+
+@command(
+    arg("action", choices=["list", "add", "remove"]),
+    arg("name", nargs="?", help="release name, e.g. v10.2.2"),
+    arg("--from", dest="kind", choices=["debian", "tarball", "git"],
+        help="which configured source to use (default: [project] prefer)"),
+    arg("--debian", help="import this Debian source version of qemu, e.g. 1:10.2.2+ds-1"),
+    arg("--tarball", help="import this tarball (path or URL)"),
+    arg("--sha256", help="expected sha256 of --tarball"),
+    arg("--git", dest="git_url", help="fetch from this git URL"),
+    arg("--ref", dest="git_ref", help="git ref to fetch with --git (default: the name)"),
+)
+def cmd_upstream(ns: argparse.Namespace, cfg: config.Config) -> int:
+    """List, add or remove upstream QEMU releases in the local mirror."""
+    mirror = workflow.mirror(cfg)
+    if ns.action == "list":
+        for rel in mirror.releases():
+            p = rel.provenance
+            say(f"{rel.name}\t{rel.commit[:12]}\t{p.kind}\t{p.origin}"
+                f"{'  (repacked)' if p.repacked else ''}\tsha256={p.sha256 or '-'}"
+                f"\timported {p.imported_at}")
+        return 0
+    if not ns.name:
+        raise UserError(f"upstream {ns.action} needs a release name")
+    if ns.action == "remove":
+        rel = mirror.remove(ns.name)
+        say(f"removed {rel.name} ({rel.commit[:12]})")
+        return 0
+    progress(f"importing {ns.name} ...")
+    rel = add_release(cfg, mirror, ns.name, kind=ns.kind, tarball=ns.tarball, sha256=ns.sha256,
+                      git_url=ns.git_url, git_ref=ns.git_ref, debian=ns.debian)
+    say(f"{rel.name} is {rel.commit} ({rel.provenance.kind}: {rel.provenance.origin})")
+    return 0
+
+
+# -- series --------------------------------------------------------------------
+
+
+@command(
+    arg("--base", help="upstream release (default: the series' base)"),
+    arg("--worktree", type=Path, help="where to check out (default: <cache>/work/<base>)"),
+)
+def cmd_apply(ns: argparse.Namespace, cfg: config.Config) -> int:
+    """Apply the series onto a release in a work tree, ready to edit and commit."""
+    done = workflow.apply(cfg, ns.base, ns.worktree)
+    say(f"applied {len(done.commits)} patches on {done.release.name}")
+    say(f"work tree: {done.worktree} (branch {done.branch})")
+    if done.backup_ref:
+        say(f"previous branch saved as {done.backup_ref}")
+    return 0
+
+
+@command(
+    arg("--base", help="release whose work branch to export (default: the series' base)"),
+    arg("--worktree", type=Path, help="the work tree (default: <cache>/work/<base>)"),
+)
+def cmd_export(ns: argparse.Namespace, cfg: config.Config) -> int:
+    """Regenerate patches/ from the work branch, normalized, atomically."""
+    series = workflow.export(cfg, ns.base, ns.worktree)
+    say(f"wrote {len(series.patches)} patches based on {series.base} to {cfg.patches_dir}")
+    return 0
+
+
+@command(
+    arg("--base", help="upstream release (default: the series' base)"),
+    arg("--checkpatch", action="store_true", help="also run QEMU's scripts/checkpatch.pl"),
+    arg("--report-dir", type=Path, help="write check.json and check.junit.xml here"),
+)
+def cmd_check(ns: argparse.Namespace, cfg: config.Config) -> int:
+    """Check the series: applies, round-trips, metadata, whitespace, style."""
+    try:
+        results = workflow.check(cfg, ns.base, ns.checkpatch)
+    except CheckFailed as exc:
+        results = exc.results
+        _print_checks(results, ns.report_dir)
+        raise
+    _print_checks(results, ns.report_dir)
+    return 0
+
+
+def _print_checks(results: list, report_dir: Path | None) -> None:
+    for r in results:
+        say(f"{'ok  ' if r.ok else 'FAIL'} {r.check:<14} {r.patch or '(series)'}")
+        if not r.ok and r.message:
+            say("     " + r.message.replace("\n", "\n     "))
+    if report_dir:
+        report.write_check_report(results, report_dir, "qemupatch check")
+
+
+# -- rebase --------------------------------------------------------------------
+
+
+@command(
+    arg("--onto", help="the upstream release to rebase onto"),
+    arg("--keep-going", action="store_true",
+        help="CI mode: never stop; skip and report conflicting patches"),
+    arg("--skip-patch", action="append", default=[], metavar="NAME",
+        help="leave this patch out (repeatable)"),
+    arg("--continue", dest="resume", action="store_true",
+        help="go on after resolving a conflict (or after an interruption)"),
+    arg("--skip", action="store_true", help="leave the conflicting patch out and go on"),
+    arg("--abort", action="store_true", help="undo the rebase; everything as it was"),
+    arg("--worktree", type=Path, help="work tree (default: <cache>/work/<onto>)"),
+    arg("--report-dir", type=Path, default=Path("qemupatch-report"),
+        help="where rebase.md/.json/.junit.xml go (default: ./qemupatch-report)"),
+)
+def cmd_rebase(ns: argparse.Namespace, cfg: config.Config) -> int:
+    """Replay the series onto another release and report each patch's fate."""
+    modes = [m for m in ("onto", "resume", "skip", "abort") if getattr(ns, m)]
+    if len(modes) != 1:
+        raise UserError("rebase takes exactly one of --onto, --continue, --skip, --abort")
+    rb = Rebase(workflow.mirror(cfg), cfg.cache_dir, cfg.patches_dir, progress)
+    if ns.onto:
+        rep = rb.start(ns.onto, keep_going=ns.keep_going, skip=tuple(ns.skip_patch),
+                       worktree=ns.worktree)
+    elif ns.resume:
+        rep = rb.resume()
+    elif ns.skip:
+        rep = rb.skip_current()
+    else:
+        rep = rb.abort()
+    paths = report.write_rebase_report(rep, ns.report_dir)
+    say(report.rebase_markdown(rep))
+    say(f"reports: {paths['markdown']}, {paths['json']}, {paths['junit']}")
+    if rep.status == "complete":
+        say(f"next: review {rep.worktree}, then qemupatch export --base {rep.new_base.name}")
+    if rep.status == "aborted":
+        return 0
+    return 1 if rep.unresolved_conflicts else 0
+
+
+# -- main ------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qemupatch", description=__doc__.splitlines()[0],
+        epilog="exit codes: 0 ok, 1 failed or conflict, 2 bad input, 3 infrastructure, "
+               "20-24 boot test (image, qemu, guest boot, guest tests, deadline), "
+               "30-33 build (no engine, image, compile, killed)")
+    parser.add_argument("-C", dest="root", type=Path, help="project folder (default: search up)")
+    parser.add_argument("--cache", type=Path,
+                        help="cache folder (default: $QEMUPATCH_CACHE or ~/.cache/qemupatch)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every command run")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (fn, args) in COMMANDS.items():
+        doc = (fn.__doc__ or "").strip().splitlines()[0]
+        p = sub.add_parser(name, help=doc, description=doc)
+        for names, kwargs in args:
+            p.add_argument(*names, **kwargs)
+        p.set_defaults(handler=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = config.load(ns.root, ns.cache)
+        return ns.handler(ns, cfg)
+    except QemupatchError as exc:
+        print(f"qemupatch: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("qemupatch: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,177 @@
+"""Reports in three forms: Markdown for people, versioned JSON and JUnit XML
+for CI.  Every stage hands its result here as plain data."""
+
+from __future__ import annotations
+
+import json
+import os
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SCHEMA = 1
+
+# Outcome classes of one patch in a rebase, best first.
+CLEAN = "clean"  # applied as is
+OFFSET = "offset"  # applied, hunks moved
+MERGED = "merged"  # needed a three-way merge
+CONFLICT = "conflict"  # did not apply; a maintainer must resolve
+DROPPED = "dropped"  # already upstream
+SKIPPED = "skipped"  # by request
+OUTCOMES = (CLEAN, OFFSET, MERGED, CONFLICT, DROPPED, SKIPPED)
+
+
+@dataclass(frozen=True)
+class BaseRef:
+    name: str
+    commit: str
+
+
+@dataclass(frozen=True)
+class PatchOutcome:
+    index: int  # 1-based position in the old series
+    name: str
+    subject: str
+    outcome: str
+    files: tuple[str, ...] = ()
+    detail: str = ""
+    conflict_files: tuple[str, ...] = ()
+    failed_hunks: tuple[str, ...] = ()
+    resolved: bool = False  # a conflict the maintainer resolved
+    at_risk: tuple[str, ...] = ()  # skipped patches sharing files with this one
+    commit: str | None = None
+    range_diff: str = ""  # empty: no real change against the old patch
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class RebaseReport:
+    old_base: BaseRef
+    new_base: BaseRef
+    outcomes: tuple[PatchOutcome, ...]
+    status: str  # "complete" | "stopped" | "aborted"
+    branch: str = ""
+    worktree: str = ""
+    backup_ref: str | None = None
+    started: str = ""
+    finished: str = ""
+    total: int = 0  # patches in the series
+    schema: int = field(default=SCHEMA)
+
+    def count(self, outcome: str) -> int:
+        return sum(1 for o in self.outcomes if o.outcome == outcome)
+
+    @property
+    def unresolved_conflicts(self) -> list[PatchOutcome]:
+        return [o for o in self.outcomes if o.outcome == CONFLICT and not o.resolved]
+
+
+def _atomic_write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def rebase_markdown(rep: RebaseReport) -> str:
+    lines = [
+        f"# Rebase onto {rep.new_base.name}: {rep.status}",
+        "",
+        f"- old base: {rep.old_base.name} ({rep.old_base.commit[:12]})",
+        f"- new base: {rep.new_base.name} ({rep.new_base.commit[:12]})",
+    ]
+    if rep.branch:
+        lines.append(f"- branch: {rep.branch} in {rep.worktree}")
+    if rep.backup_ref:
+        lines.append(f"- previous branch saved as {rep.backup_ref}")
+    summary = ", ".join(f"{rep.count(k)} {k}" for k in OUTCOMES if rep.count(k))
+    lines += [f"- {len(rep.outcomes)} of {rep.total} patches: {summary or 'none'}", "",
+              "| # | patch | outcome | detail |", "|---|---|---|---|"]
+    for o in rep.outcomes:
+        outcome = o.outcome + (" (resolved)" if o.resolved else "")
+        detail = o.detail
+        if o.at_risk:
+            detail += f" AT RISK: shares files with skipped {', '.join(o.at_risk)}"
+        lines.append(f"| {o.index} | {o.subject} | {outcome} | {detail.strip()} |")
+    for o in rep.outcomes:
+        if o.outcome == CONFLICT:
+            lines += ["", f"## Conflict in patch {o.index}: {o.subject}", ""]
+            lines += [f"- conflicting file: {f}" for f in o.conflict_files]
+            lines += [f"- hunk that does not apply: {h}" for h in o.failed_hunks]
+    changed = [o for o in rep.outcomes if o.range_diff]
+    lines += ["", "## Range-diff (real changes only)", ""]
+    if not changed:
+        lines.append("No patch changed its meaning: only context and line numbers moved.")
+    for o in changed:
+        lines += [f"### {o.index}: {o.subject}", "", "```diff", o.range_diff.rstrip(), "```", ""]
+    return "\n".join(lines) + "\n"
+
+
+def rebase_json(rep: RebaseReport) -> str:
+    data = asdict(rep)
+    data["counts"] = {k: rep.count(k) for k in OUTCOMES}
+    return json.dumps(data, indent=2) + "\n"
+
+
+def rebase_junit(rep: RebaseReport) -> str:
+    suite = ET.Element(
+        "testsuite", name=f"rebase onto {rep.new_base.name}",
+        tests=str(len(rep.outcomes)),
+        failures=str(len(rep.unresolved_conflicts)),
+        skipped=str(rep.count(SKIPPED) + sum(1 for o in rep.outcomes
+                                              if o.outcome == CONFLICT and not o.resolved
+                                              and rep.status == "complete")),
+    )
+    for o in rep.outcomes:
+        case = ET.SubElement(suite, "testcase", classname=f"rebase.{rep.new_base.name}",
+                             name=f"{o.index:03d} {o.subject}", time=f"{o.seconds:.3f}")
+        if o.outcome == CONFLICT and not o.resolved:
+            fail = ET.SubElement(case, "failure", type="conflict",
+                                 message=f"conflict in {', '.join(o.conflict_files) or 'patch'}")
+            fail.text = "\n".join(o.failed_hunks) or o.detail
+        elif o.outcome == SKIPPED:
+            ET.SubElement(case, "skipped", message=o.detail or "skipped by request")
+        out = ET.SubElement(case, "system-out")
+        out.text = f"outcome: {o.outcome}\n{o.detail}\n{o.range_diff}"
+    ET.indent(suite)
+    return ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def write_rebase_report(rep: RebaseReport, out_dir: Path) -> dict[str, Path]:
+    return {
+        "markdown": _atomic_write(out_dir / "rebase.md", rebase_markdown(rep)),
+        "json": _atomic_write(out_dir / "rebase.json", rebase_json(rep)),
+        "junit": _atomic_write(out_dir / "rebase.junit.xml", rebase_junit(rep)),
+    }
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One finding of ``qemupatch check``."""
+
+    check: str
+    patch: str | None
+    ok: bool
+    message: str = ""
+
+
+def check_junit(results: list[CheckResult], name: str) -> str:
+    suite = ET.Element("testsuite", name=name, tests=str(len(results)),
+                       failures=str(sum(1 for r in results if not r.ok)))
+    for r in results:
+        case = ET.SubElement(suite, "testcase", classname=f"check.{r.check}",
+                             name=r.patch or r.check)
+        if not r.ok:
+            ET.SubElement(case, "failure", message=r.message[:200]).text = r.message
+    ET.indent(suite)
+    return ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def write_check_report(results: list[CheckResult], out_dir: Path, name: str) -> dict[str, Path]:
+    data = {"schema": SCHEMA, "name": name, "ok": all(r.ok for r in results),
+            "results": [asdict(r) for r in results]}
+    return {
+        "json": _atomic_write(out_dir / "check.json", json.dumps(data, indent=2) + "\n"),
+        "junit": _atomic_write(out_dir / "check.junit.xml", check_junit(results, name)),
+    }

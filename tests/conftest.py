@@ -1,0 +1,143 @@
+"""Shared fixtures: small synthetic upstream releases and a project using them.
+
+The synthetic upstream is built so that one rebase from v1.0.0 to v1.1.0
+meets every outcome class: each file of the tree is aimed at one class.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from qemupatch import config, workflow
+from qemupatch.run import git
+from qemupatch.worktree import WorkTree
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def lines(prefix: str, n: int = 30, **changed: str) -> str:
+    out = []
+    for i in range(1, n + 1):
+        out.append(changed.get(f"{prefix}{i}", f"{prefix}{i} original line"))
+    return "\n".join(out) + "\n"
+
+
+V1 = {
+    "clean.c": lines("K"),
+    "offset.c": lines("L"),
+    "merge.c": lines("M"),
+    "conflict.c": lines("C"),
+    "dropped.c": lines("D"),
+    "README": "synthetic upstream\n",
+}
+
+V2 = {
+    **V1,
+    # Five new lines above the patched one: the hunk moves.
+    "offset.c": "".join(f"L0.{i} new upstream line\n" for i in range(5)) + lines("L"),
+    # A change inside the patch's context: needs a three-way merge.
+    "merge.c": lines("M", M13="M13 changed upstream"),
+    # The very line the patch changes: conflict.
+    "conflict.c": lines("C", C15="C15 changed upstream"),
+    # Upstream took the patch: dropped.
+    "dropped.c": lines("D", D15="D15 patched"),
+}
+
+# (file, line key, subject) of each patch in the synthetic series, in order.
+PATCHES = [
+    ("clean.c", "K15", "clean: patch a file upstream left alone"),
+    ("offset.c", "L15", "offset: patch a file upstream grew"),
+    ("merge.c", "M15", "merge: patch next to an upstream change"),
+    ("conflict.c", "C15", "conflict: patch a line upstream changed"),
+    ("dropped.c", "D15", "dropped: patch upstream took"),
+    ("conflict.c", "C28", "risk: patch the conflicting file elsewhere"),
+]
+
+
+def make_tarball(path: Path, top: str, files: dict[str, str]) -> Path:
+    src = path.parent / f"{path.name}.src" / top
+    src.mkdir(parents=True)
+    for name, text in files.items():
+        (src / name).write_text(text)
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(src, arcname=top)
+    return path
+
+
+@dataclass
+class Project:
+    root: Path
+    cache: Path
+    tarballs: dict[str, Path]
+
+    @property
+    def cfg(self) -> config.Config:
+        return config.load(self.root, self.cache)
+
+    @property
+    def patches(self) -> Path:
+        return self.root / "patches"
+
+    def cli(self, *args: str, check_code: int | None = 0) -> subprocess.CompletedProcess:
+        """Run the real command line in a subprocess, as a user would."""
+        res = subprocess.run(
+            [sys.executable, "-m", "qemupatch", "-C", str(self.root), "--cache", str(self.cache),
+             *args],
+            capture_output=True, text=True, timeout=300, cwd=self.root,
+        )
+        if check_code is not None:
+            assert res.returncode == check_code, (res.returncode, res.stdout, res.stderr)
+        return res
+
+    def worktree(self, release: str) -> WorkTree:
+        cfg = self.cfg
+        return WorkTree.for_release(cfg.mirror_dir, cfg.cache_dir, release)
+
+
+def write_config(root: Path, tarballs: dict[str, Path]) -> None:
+    entries = "".join(
+        f'\n[[release]]\nname = "{name}"\ntarball = "{path}"\n' for name, path in tarballs.items())
+    (root / "qemupatch.toml").write_text(
+        '[project]\ndefault_release = "v1.0.0"\nprefer = ["tarball"]\n' + entries)
+
+
+def commit_change(wt: WorkTree, file: str, key: str, subject: str) -> None:
+    path = wt.path / file
+    text = path.read_text().replace(f"{key} original line", key + " patched")
+    path.write_text(text)
+    git(wt.path, "add", file)
+    git(wt.path, "commit", "-q", "-m",
+        f"{subject}\n\nWhy: exercise one outcome class.\n\n"
+        "Signed-off-by: Test Maintainer <maintainer@example.org>",
+        env={"GIT_AUTHOR_NAME": "Test Maintainer", "GIT_AUTHOR_EMAIL": "maintainer@example.org",
+             "GIT_AUTHOR_DATE": "2026-01-02T03:04:05+0100"})
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Project:
+    """A project with releases v1.0.0 and v1.1.0 imported and the six-patch
+    series exported on v1.0.0."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    tarballs = {
+        "v1.0.0": make_tarball(tmp_path / "up-1.0.0.tar.gz", "up-1.0.0", V1),
+        "v1.1.0": make_tarball(tmp_path / "up-1.1.0.tar.gz", "up-1.1.0", V2),
+    }
+    write_config(root, tarballs)
+    proj = Project(root, tmp_path / "cache", tarballs)
+    cfg = proj.cfg
+    m = workflow.mirror(cfg)
+    for name, path in tarballs.items():
+        m.import_tarball(name, path)
+    wt = proj.worktree("v1.0.0")
+    wt.reset_to(m.get("v1.0.0").commit)
+    for file, key, subject in PATCHES:
+        commit_change(wt, file, key, subject)
+    workflow.export(cfg, "v1.0.0")
+    return proj
