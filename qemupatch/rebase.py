@@ -1,0 +1,395 @@
+"""Stage 3: replay the series onto another upstream release, patch by patch,
+and say what happened to each.
+
+The rebase is a small state machine whose state is a JSON file written
+atomically before and after every step, so that a rebase interrupted at any
+point (even by ``kill -9``) can be resumed or aborted with nothing lost:
+
+* before a patch is tried, the state records it as *in progress* with the
+  HEAD it starts from; a resume rolls the work tree back to that HEAD and
+  tries the patch again;
+* a conflict records the patch as *stopped*: the work tree keeps the
+  conflict markers and git's am session for the maintainer to resolve;
+* the branch tip before the rebase is saved under refs/qemupatch/backup/,
+  and ``--abort`` puts the branch back exactly there.
+
+The series is copied into the state folder when the rebase starts, so
+editing ``patches/`` meanwhile changes nothing.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+from unidiff import PatchSet
+
+from qemupatch import report as rpt
+from qemupatch.errors import DirtyWorkTree, RebaseStateError, SeriesError
+from qemupatch.report import BaseRef, PatchOutcome, RebaseReport
+from qemupatch.series import Patch, Series, read_series, write_series
+from qemupatch.upstream import Mirror
+from qemupatch.worktree import WorkTree
+
+STATE_SCHEMA = 1
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class RebaseState:
+    """What a rebase has done so far; saved after every step."""
+
+    old_base: dict
+    new_base: dict
+    worktree: str
+    branch: str
+    branch_before: str | None  # None: the branch did not exist
+    backup_ref: str | None
+    keep_going: bool
+    skip_names: list[str]
+    next_index: int = 0  # 0-based index of the next patch to try
+    in_progress: dict | None = None  # {"index": i, "head": sha}
+    stopped: dict | None = None  # {"index": i, "head": sha, ...conflict info}
+    outcomes: list[dict] = field(default_factory=list)
+    started: str = ""
+    schema: int = STATE_SCHEMA
+
+
+class Rebase:
+    """One rebase of the series in ``patches_dir`` onto a new release."""
+
+    def __init__(self, mirror: Mirror, cache_dir: Path, patches_dir: Path,
+                 progress: Progress | None = None):
+        self.mirror = mirror
+        self.cache_dir = cache_dir
+        self.patches_dir = patches_dir
+        self.state_dir = cache_dir / "rebase"
+        self.progress = progress or (lambda msg: None)
+
+    # -- state file ----------------------------------------------------------
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / "state.json"
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.state_dir / "series"
+
+    def in_progress(self) -> bool:
+        return self.state_file.exists()
+
+    def load(self) -> RebaseState:
+        if not self.state_file.exists():
+            raise RebaseStateError("no rebase in progress (start one with "
+                                   "qemupatch rebase --onto RELEASE)")
+        try:
+            data = json.loads(self.state_file.read_text())
+            if data.get("schema") != STATE_SCHEMA:
+                raise ValueError(f"schema {data.get('schema')}, expected {STATE_SCHEMA}")
+            return RebaseState(**data)
+        except (ValueError, TypeError) as exc:
+            raise RebaseStateError(f"{self.state_file}: unreadable rebase state: {exc}; "
+                                   "remove the folder to forget that rebase") from exc
+
+    def save(self, state: RebaseState) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(asdict(state), f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.state_file)
+
+    def _worktree(self, state: RebaseState) -> WorkTree:
+        return WorkTree(self.mirror.path, Path(state.worktree), state.branch)
+
+    # -- commands --------------------------------------------------------------
+
+    def start(self, onto: str, *, keep_going: bool = False, skip: tuple[str, ...] = (),
+              worktree: Path | None = None) -> RebaseReport:
+        if self.in_progress():
+            state = self.load()
+            raise RebaseStateError(
+                f"a rebase onto {state.new_base['name']} is already in progress "
+                f"({self.state_file}); use --continue, --skip or --abort")
+        series = read_series(self.patches_dir)
+        if series.base is None:
+            raise SeriesError(f"{self.patches_dir}/series has no '# base: RELEASE' line: "
+                              "cannot tell which release the series is based on")
+        old = self.mirror.get(series.base)
+        new = self.mirror.get(onto)
+        unknown = [s for s in skip if s not in series.names()]
+        if unknown:
+            raise SeriesError(f"--skip-patch names {', '.join(unknown)}, not in the series "
+                              f"({', '.join(series.names())})")
+        wt = WorkTree.for_release(self.mirror.path, self.cache_dir, onto, worktree)
+        if dirty := wt.dirty_files():
+            raise DirtyWorkTree(wt.path, dirty)
+        # Snapshot the series, then record the state, then touch git.
+        if self.state_dir.exists():
+            shutil.rmtree(self.state_dir)
+        self.snapshot_dir.mkdir(parents=True)
+        write_series(self.snapshot_dir, series)
+        before = wt.branch_tip()
+        state = RebaseState(
+            old_base={"name": old.name, "commit": old.commit},
+            new_base={"name": new.name, "commit": new.commit},
+            worktree=str(wt.path), branch=wt.branch, branch_before=before,
+            backup_ref=None, keep_going=keep_going, skip_names=list(skip),
+            started=_now(),
+        )
+        self.save(state)
+        state.backup_ref = wt.reset_to(new.commit)
+        self.save(state)
+        self.progress(f"rebasing {len(series.patches)} patches from {old.name} onto {new.name}")
+        return self._run(state)
+
+    def resume(self) -> RebaseReport:
+        """``--continue``: finish the stopped patch, or redo an interrupted one."""
+        state = self.load()
+        wt = self._worktree(state)
+        if state.stopped is not None:
+            stop = state.stopped
+            if unmerged := wt.unmerged_files():
+                raise RebaseStateError(
+                    f"patch {stop['name']} still has unresolved conflicts in "
+                    f"{', '.join(unmerged)}; resolve them, git add, then --continue")
+            start = time.monotonic()
+            if wt.am_in_progress():
+                res = wt.am_continue()
+                if not res.applied and not res.empty:
+                    raise RebaseStateError(
+                        f"git am --continue failed for {stop['name']} in {wt.path}:\n"
+                        f"{res.output.strip()}\n(git add the resolved files, then --continue)")
+                if res.empty:
+                    wt.am_abort()
+            resolved = wt.head() != stop["head"]
+            outcome = dict(stop["outcome"])
+            outcome.update(resolved=resolved, commit=wt.head() if resolved else None,
+                           seconds=outcome["seconds"] + time.monotonic() - start)
+            if not resolved:
+                outcome.update(outcome=rpt.DROPPED,
+                               detail="conflict resolved to no change: dropped")
+            state.outcomes.append(outcome)
+            state.stopped = None
+            state.next_index = stop["index"] + 1
+            self.save(state)
+        return self._run(state)
+
+    def skip_current(self) -> RebaseReport:
+        """``--skip``: leave the stopped patch out and go on."""
+        state = self.load()
+        if state.stopped is None:
+            raise RebaseStateError("the rebase is not stopped at a patch; nothing to skip")
+        wt = self._worktree(state)
+        wt.am_abort()
+        wt.reset_to(state.stopped["head"], allow_dirty=True)
+        outcome = dict(state.stopped["outcome"])
+        outcome.update(outcome=rpt.SKIPPED,
+                       detail="skipped by the maintainer after a conflict: " + outcome["detail"])
+        state.outcomes.append(outcome)
+        state.next_index = state.stopped["index"] + 1
+        state.stopped = None
+        self.save(state)
+        return self._run(state)
+
+    def abort(self) -> RebaseReport:
+        """``--abort``: put the branch and work tree back as they were."""
+        state = self.load()
+        wt = self._worktree(state)
+        wt.restore(state.branch_before)
+        report = self._report(state, "aborted", self._series())
+        shutil.rmtree(self.state_dir)
+        self.progress(f"rebase aborted; {state.branch} is back at "
+                      f"{(state.branch_before or 'nothing (removed)')[:12]}")
+        return report
+
+    # -- the loop --------------------------------------------------------------
+
+    def _series(self) -> Series:
+        return read_series(self.snapshot_dir)
+
+    def _run(self, state: RebaseState) -> RebaseReport:
+        series = self._series()
+        wt = self._worktree(state)
+        if state.in_progress is not None:
+            # Interrupted mid-step: roll back and try that patch again.
+            self.progress(f"resuming: retrying patch {state.in_progress['index'] + 1}")
+            wt.am_abort()
+            wt.reset_to(state.in_progress["head"], allow_dirty=True)
+            state.in_progress = None
+            self.save(state)
+        patches = series.patches
+        while state.next_index < len(patches):
+            i = state.next_index
+            patch = patches[i]
+            state.in_progress = {"index": i, "head": wt.head()}
+            self.save(state)
+            outcome, stopped = self._apply_one(state, wt, i, patch)
+            if stopped:
+                state.in_progress = None
+                state.stopped = {"index": i, "name": patch.name,
+                                 "head": outcome.pop("_head"), "outcome": outcome}
+                self.save(state)
+                rep = self._report(state, "stopped", series)
+                self._tell_stop(rep, wt, patch)
+                return rep
+            state.outcomes.append(outcome)
+            state.in_progress = None
+            state.next_index = i + 1
+            self.save(state)
+        rep = self._report(state, "complete", series)
+        shutil.rmtree(self.state_dir)
+        return rep
+
+    def _apply_one(self, state: RebaseState, wt: WorkTree, i: int,
+                   patch: Patch) -> tuple[dict, bool]:
+        start = time.monotonic()
+        path = self.snapshot_dir / patch.name
+        head = wt.head()
+        base = {"index": i + 1, "name": patch.name, "subject": patch.subject,
+                "files": list(patch.files)}
+
+        def done(outcome: str, detail: str, **extra) -> dict:
+            return {**base, "outcome": outcome, "detail": detail,
+                    "seconds": round(time.monotonic() - start, 3), **extra}
+
+        self.progress(f"[{i + 1}/{len(self._series().patches)}] {patch.subject}")
+        if patch.name in state.skip_names:
+            return done(rpt.SKIPPED, "skipped by request (--skip-patch)"), False
+        if wt.applies(patch.text, reverse=True):
+            return done(rpt.DROPPED, "already upstream: the patch reverse-applies"), False
+        res = wt.am(path, three_way=False)
+        if res.applied:
+            new_text = wt.format_patches(f"{head}")[0]
+            moved = _moved_hunks(patch.text, new_text)
+            outcome = rpt.OFFSET if moved else rpt.CLEAN
+            detail = f"{moved} hunk(s) moved" if moved else "applied as is"
+            return done(outcome, detail, commit=wt.head(),
+                        range_diff=range_diff(patch, new_text)), False
+        wt.am_abort()
+        res = wt.am(path, three_way=True)
+        if res.applied:
+            new_text = wt.format_patches(f"{head}")[0]
+            return done(rpt.MERGED, "applied with a three-way merge", commit=wt.head(),
+                        range_diff=range_diff(patch, new_text)), False
+        if res.empty:
+            wt.am_abort()
+            return done(rpt.DROPPED, "already upstream: nothing left after merge"), False
+        conflict_files = wt.unmerged_files() or _rejected_files(res.output, patch)
+        failed = failing_hunks(wt, patch, conflict_files, head)
+        info = done(rpt.CONFLICT, f"conflict in {', '.join(conflict_files) or 'the patch'}",
+                    conflict_files=conflict_files, failed_hunks=failed)
+        if state.keep_going:
+            wt.am_abort()
+            wt.reset_to(head, allow_dirty=True)
+            info["detail"] += " (skipped: --keep-going)"
+            return info, False
+        info["_head"] = head
+        return info, True
+
+    # -- reporting ---------------------------------------------------------------
+
+    def _report(self, state: RebaseState, status: str, series: Series) -> RebaseReport:
+        outcomes = [PatchOutcome(**{**o, "files": tuple(o.get("files", ())),
+                                    "conflict_files": tuple(o.get("conflict_files", ())),
+                                    "failed_hunks": tuple(o.get("failed_hunks", ()))})
+                    for o in state.outcomes]
+        if state.stopped is not None:
+            o = state.stopped["outcome"]
+            outcomes.append(PatchOutcome(**{**o, "files": tuple(o["files"]),
+                                            "conflict_files": tuple(o["conflict_files"]),
+                                            "failed_hunks": tuple(o["failed_hunks"])}))
+        outcomes = _mark_at_risk(outcomes)
+        return RebaseReport(
+            old_base=BaseRef(**state.old_base), new_base=BaseRef(**state.new_base),
+            outcomes=tuple(outcomes), status=status, branch=state.branch,
+            worktree=state.worktree, backup_ref=state.backup_ref, started=state.started,
+            finished=_now(), total=len(series.patches),
+        )
+
+    def _tell_stop(self, rep: RebaseReport, wt: WorkTree, patch: Patch) -> None:
+        o = rep.outcomes[-1]
+        self.progress(
+            f"CONFLICT in patch {o.index} ({patch.name}): {o.subject}\n"
+            f"  work tree: {wt.path}\n"
+            + "".join(f"  conflicting file: {f}\n" for f in o.conflict_files)
+            + "".join(f"  hunk that does not apply: {h}\n" for h in o.failed_hunks)
+            + "  resolve the files, `git add` them, then: qemupatch rebase --continue\n"
+            "  or leave the patch out: qemupatch rebase --skip\n"
+            "  or undo everything: qemupatch rebase --abort")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _hunk_positions(text: str) -> list[tuple[str, int, int]]:
+    return [(f.path, h.source_start, h.target_start) for f in PatchSet(text) for h in f]
+
+
+def _moved_hunks(old_text: str, new_text: str) -> int:
+    old, new = _hunk_positions(old_text), _hunk_positions(new_text)
+    if len(old) != len(new):
+        return max(len(old), len(new))
+    return sum(1 for a, b in zip(old, new) if a != b)
+
+
+def range_diff(old: Patch, new_text: str) -> str:
+    """The difference in meaning between two versions of a patch: a diff of
+    their added/removed lines only, so moved context is not noise."""
+    new = Patch.parse(old.name, new_text)
+    a, b = old.change_lines(), new.change_lines()
+    if a == b and old.subject == new.subject and old.body == new.body:
+        return ""
+    out = []
+    if old.subject != new.subject or old.body != new.body:
+        out += difflib.unified_diff(
+            [old.subject, *old.body.splitlines()], [new.subject, *new.body.splitlines()],
+            "old message", "new message", lineterm="", n=1)
+    out += difflib.unified_diff(a, b, "old patch", "new patch", lineterm="", n=2)
+    return "\n".join(out)
+
+
+def _rejected_files(output: str, patch: Patch) -> list[str]:
+    """Files git names in an apply failure when no merge was possible."""
+    named = [f for f in patch.files if f in output]
+    return named or list(patch.files)
+
+
+def failing_hunks(wt: WorkTree, patch: Patch, files: list[str], head: str) -> list[str]:
+    """Which hunks of ``patch`` do not apply on ``head`` (tried one by one)."""
+    hunks = []
+    for pfile in PatchSet(patch.text):
+        if files and pfile.path not in files:
+            continue
+        header = str(pfile).split("\n@@", 1)[0] + "\n"
+        for hunk in pfile:
+            label = (f"{pfile.path} @@ -{hunk.source_start},{hunk.source_length} "
+                     f"+{hunk.target_start},{hunk.target_length} @@"
+                     f"{(' ' + hunk.section_header) if hunk.section_header else ''}")
+            hunks.append((label, header + str(hunk)))
+    results = wt.applies_at([text for _, text in hunks], head)
+    return [label for (label, _), ok in zip(hunks, results) if not ok]
+
+
+def _mark_at_risk(outcomes: list[PatchOutcome]) -> list[PatchOutcome]:
+    """Name the patches that touch the same files as a skipped one."""
+    left_out = [o for o in outcomes
+                if o.outcome == rpt.SKIPPED or (o.outcome == rpt.CONFLICT and not o.resolved)]
+    marked = []
+    for o in outcomes:
+        if o in left_out or o.outcome == rpt.DROPPED:
+            marked.append(o)
+            continue
+        risk = tuple(s.name for s in left_out if set(s.files) & set(o.files))
+        marked.append(replace(o, at_risk=risk) if risk else o)
+    return marked
