@@ -332,6 +332,19 @@ class ServerSet:
         the guest is done)."""
         return self._servers[name].stats(fnv=fnv)
 
+    def input_fnv(self, name: str, index: int, start: int, length: int) -> int | None:
+        """FNV-1a-64 of bytes ``start .. start+length`` that connection
+        ``index`` of echo server ``name`` received, or None if not kept."""
+        srv = self._servers[name]
+        with srv.lock:
+            if index >= len(srv.conns):
+                return None
+            kept = srv.conns[index].kept
+            if kept is None or len(kept) < start + length:
+                return None
+            data = bytes(kept[start:start + length])
+        return fnv1a64(data)
+
     def all_stats(self, *, fnv_for: tuple[str, ...] = ()) -> dict[str, ServerStats]:
         return {n: s.stats(fnv=n in fnv_for) for n, s in self._servers.items()}
 
