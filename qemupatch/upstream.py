@@ -260,26 +260,29 @@ def fetch_debian_orig(version: str, cache: Path, suites=DEBIAN_SUITES,
     ]
     dest = cache / "downloads" / "debian"
     dest.mkdir(parents=True, exist_ok=True)
-
-    def get_source() -> None:
-        run(["apt-get", *opts, "source", "--download-only", f"qemu={version}"],
-            cwd=dest, timeout=timeout)
-
+    uris = ["apt-get", *opts, "source", "--print-uris", f"qemu={version}"]
     try:
-        get_source()
-    except CommandFailed:
-        try:
+        listing = run(uris, timeout=timeout, check=False)
+        if listing.returncode != 0:
             run(["apt-get", *opts, "update"], timeout=timeout)
-            get_source()
-        except CommandFailed as exc:
-            raise DownloadError(
-                f"cannot download Debian source qemu={version}: {exc}") from exc
-    upstream = version.split(":", 1)[-1].rsplit("-", 1)[0]
-    candidates = sorted(dest.glob(f"qemu_{upstream}.orig.tar.*"))
-    if not candidates:
-        raise DownloadError(f"qemu={version} downloaded but no qemu_{upstream}.orig.tar.* "
-                            f"in {dest}")
-    return candidates[0]
+            listing = run(uris, timeout=timeout)
+    except CommandFailed as exc:
+        raise DownloadError(f"Debian source qemu={version} is not in the archive: {exc}") from exc
+    # Only the .orig tarball matters (and for some versions only it is served).
+    for line in listing.stdout.splitlines():
+        m = re.fullmatch(r"'(\S+)' (qemu_[^ ]+\.orig\.tar\.\w+) \d+ SHA256:([0-9a-f]{64})", line)
+        if m:
+            url, name, expected = m.groups()
+            break
+    else:
+        raise DownloadError(f"Debian source qemu={version} lists no .orig tarball:\n"
+                            f"{listing.output.strip()}")
+    path = dest / name
+    if not path.exists() or sha256_file(path) != expected:
+        download(url, path, timeout=timeout)
+    if (actual := sha256_file(path)) != expected:
+        raise DownloadError(f"{url}: sha256 {actual}, Debian's index says {expected}")
+    return path
 
 
 def add_release(cfg: Config, mirror: Mirror, name: str, *, kind: str | None = None,
