@@ -1,0 +1,290 @@
+"""Boot-test parsing and failure classification.
+
+The classification tests run the real boot-test code (host servers, QMP
+client, console follower, deadlines) against tests/fakeqemu, a small
+process that speaks QMP and plays a console scenario.  The ``real`` test
+boots the patched QEMU with the real guest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from qemupatch import boottest
+from qemupatch.boottest import (BenchRow, Deadlines, bench_table, format_bench_table,
+                                parse_console, run_boot_test)
+from qemupatch.errors import (BootDeadline, GuestCrash, GuestTestFailed,
+                              QemuStartError)
+from qemupatch.guest import GuestImage
+
+FAKE = Path(__file__).parent / "fakeqemu" / "qemu-system-x86_64"
+FAST = Deadlines(qemu_start=10, kernel_boot=10, tests=10, shutdown=5, idle=10)
+
+CONSOLE = """\
+SeaBIOS (version 1.16.2)
+[    0.000000] Linux version 6.1.0-56-amd64
+QEMUPATCH-GUEST-START kernel=6.1.0-56-amd64 vmsocket_module=1 test_program=1
+QEMUPATCH-STEP insmod-virtio PASS
+[    1.2] virtio_console: loaded
+QEMUPATCH-STEP virtio-serial-echo PASS bytes=26
+QEMUPATCH-PCI vmsocket=4
+QEMUPATCH-STEP insmod-vmsocket PASS devices=/dev/vmsocket0,/dev/vmsocket1
+VMSOCKET-TEST short PASS bytes=15
+VMSOCKET-TEST large PASS bytes=3145728 fnv=a1b2c3d4e5f60718 seconds=0.812
+VMSOCKET-TEST many-small PASS count=1000 bytes=100321
+VMSOCKET-TEST reconnect PASS bytes=15
+VMSOCKET-TEST-DONE pass=4 fail=0
+VMSOCKET-TEST connect-refused FAIL errno=ENOENT
+VMSOCKET-BENCH vmsocket g2h size=65536 bytes=33554432 seconds=0.400 mbps=83.9
+VMSOCKET-BENCH virtio-serial g2h size=65536 bytes=33554432 seconds=0.100 mbps=335.5
+VMSOCKET-BENCH vmsocket rtt64 count=2000 usec=50.0
+VMSOCKET-BENCH virtio-serial rtt64 count=2000 usec=130.0
+VMSOCKET-BENCH vmsocket h2g size=4096 FAIL err=EIO
+[    9.1] WARNING: CPU: 0 PID: 1 at drivers/misc/kvm_vmsocket.c:100 probe+0x10
+QEMUPATCH-GUEST-DONE rc=1
+"""
+
+
+def image(tmp_path: Path) -> GuestImage:
+    return GuestImage(kernel=tmp_path / "vmlinuz", initramfs=tmp_path / "initrd",
+                      kernel_version="6.1.0-56-amd64", kernel_name="6.1", digest="0" * 20,
+                      modules=(), vmsocket_module=True, test_program=True)
+
+
+def fake_run(tmp_path: Path, scenario: str, deadlines: Deadlines = FAST, **kw):
+    lines: list[str] = []
+    out = tmp_path / "out"
+    kw.setdefault("vmsocket", True)
+    try:
+        result = run_boot_test(FAKE, image(tmp_path), out, accel="tcg", deadlines=deadlines,
+                               progress=lines.append,
+                               extra_args=["-fake-scenario", scenario], **kw)
+        error = None
+    except boottest.BootTestError as exc:
+        error = exc
+        result = exc.result
+    data = json.loads((out / "boot-test.json").read_text())
+    assert data["schema"] == 1
+    ET.parse(out / "boot-test.junit.xml")       # well-formed
+    return result, error, lines, out
+
+
+# ----------------------------------------------------------------- parsing
+
+def test_parse_console_reads_every_line_kind():
+    r = parse_console(CONSOLE)
+    assert r.started and r.kernel == "6.1.0-56-amd64" and r.done_rc == 1
+    assert r.vmsocket_pci == 4 and r.selftest_done == (4, 0)
+    by = {t.name: t for t in r.tests}
+    assert by["large"].status == "pass" and by["large"].get("fnv") == "a1b2c3d4e5f60718"
+    assert by["connect-refused"].status == "fail"
+    assert by["init.insmod-vmsocket"].get("devices") == "/dev/vmsocket0,/dev/vmsocket1"
+    assert r.panic is None
+    assert r.kernel_errors == ("WARNING: CPU: 0 PID: 1 at drivers/misc/kvm_vmsocket.c:100 probe+0x10",)
+    (bad,) = [b for b in r.bench if b.error]
+    assert (bad.channel, bad.kind, bad.size, bad.error) == ("vmsocket", "h2g", 4096, "EIO")
+
+
+def test_parse_console_finds_panic_and_markers_in_noise():
+    r = parse_console("junk\r\n[ 1.0] Kernel panic - not syncing: VFS: Unable to mount root fs\r\n"
+                      "\x1b[0mQEMUPATCH-GUEST-START kernel=x\r\n")
+    assert r.panic == "Kernel panic - not syncing: VFS: Unable to mount root fs"
+    assert r.started and r.done_rc is None
+
+
+def test_bench_table_ratios():
+    rows = parse_console(CONSOLE).bench
+    table = {(t["test"], t["size"]): t for t in bench_table(rows)}
+    assert table[("g2h", 65536)]["ratio"] == pytest.approx(83.9 / 335.5, abs=1e-3)
+    assert table[("rtt64", None)]["ratio"] == pytest.approx(2.6)       # vmsocket faster
+    assert ("h2g", 4096) not in table                                  # failed row left out
+    text = format_bench_table(rows)
+    assert "0.25x" in text and "2.60x" in text
+
+
+def test_bench_table_missing_side():
+    rows = [BenchRow("vmsocket", "h2g", size=1024, mbps=10.0)]
+    (row,) = bench_table(rows)
+    assert row["virtio_serial"] is None and row["ratio"] is None
+
+
+def test_qemu_argv_both_spellings(tmp_path):
+    paths = {n: tmp_path / f"{n}.sock" for n in
+             ("echo", "refused", "sink", "source", "vs-echo", "vs-sink", "vs-source")}
+    common = dict(accel="tcg", console=tmp_path / "c", qmp=tmp_path / "q", paths=paths,
+                  vmsocket=True, append="console=ttyS0")
+    opt = boottest.qemu_argv(Path("q"), image(tmp_path), spelling="option", **common)
+    assert [opt[i + 1] for i, a in enumerate(opt) if a == "-vmsocket"] == [
+        f"unix:{paths[n]}" for n in ("echo", "refused", "sink", "source")]
+    dev = boottest.qemu_argv(Path("q"), image(tmp_path), spelling="device", **common)
+    vms = [dev[i + 1] for i, a in enumerate(dev) if a == "-device" and dev[i + 1].startswith("vmsocket")]
+    assert vms[1] == f"vmsocket,id=vmsocket1,path={paths['refused']},addr=0x11"
+    assert "-vmsocket" not in dev
+    for needed in ("-no-reboot", "-nographic", "-S"):
+        assert needed in opt
+    with pytest.raises(ValueError):
+        boottest.qemu_argv(Path("q"), image(tmp_path), spelling="bogus", **common)
+
+
+# ---------------------------------------------------------- classification
+
+def test_fake_ok_passes_and_keeps_artifacts(tmp_path):
+    result, error, lines, out = fake_run(tmp_path, "ok")
+    assert error is None and result.ok and result.exit_code == 0
+    assert [s.status for s in result.stages] == ["pass"] * 4
+    for name in ("console.log", "qemu.log", "qmp.jsonl", "qemu.cmdline", "query-pci.json"):
+        assert (out / name).is_file(), name
+    transcript = [json.loads(l) for l in (out / "qmp.jsonl").read_text().splitlines()]
+    assert [t["msg"]["execute"] for t in transcript if t["kind"] == "command"] == ["query-pci", "cont"]
+    assert any("kernel-boot: done" in l for l in lines)
+    junit = ET.parse(out / "boot-test.junit.xml").getroot()
+    assert junit.get("failures") == "0"
+    assert {"qmp.query-pci", "guest-pci-matches-qmp"} <= {c.name for c in result.checks}
+
+
+def test_fake_ok_device_spelling(tmp_path):
+    result, error, _, _ = fake_run(tmp_path, "ok", spelling="device")
+    assert error is None and result.spelling == "device"
+
+
+def test_panic_with_exit_zero_is_a_crash(tmp_path):
+    result, error, _, _ = fake_run(tmp_path, "panic")
+    assert isinstance(error, GuestCrash) and error.exit_code == 22
+    assert "Kernel panic - not syncing: Attempted to kill init!" in str(error)
+    assert not result.ok and result.failure == "GuestCrash"
+
+
+def test_qemu_signal_is_a_crash(tmp_path):
+    _, error, _, _ = fake_run(tmp_path, "segv")
+    assert isinstance(error, GuestCrash) and "SIGSEGV" in str(error)
+
+
+def test_qemu_nonzero_exit_is_a_crash(tmp_path):
+    _, error, _, _ = fake_run(tmp_path, "exit3")
+    assert isinstance(error, GuestCrash) and "status 3" in str(error)
+
+
+def test_exit_without_done_marker_is_a_crash(tmp_path):
+    result, error, _, _ = fake_run(tmp_path, "nodone")
+    assert isinstance(error, GuestCrash) and "done marker" in str(error)
+    assert {s.name: s.status for s in result.stages}["guest-tests"] == "fail"
+
+
+def test_silent_guest_trips_the_watchdog(tmp_path):
+    dl = Deadlines(qemu_start=10, kernel_boot=30, tests=30, shutdown=5, idle=1.5)
+    result, error, _, _ = fake_run(tmp_path, "silent-hang", dl)
+    assert isinstance(error, BootDeadline) and error.exit_code == 24
+    assert "no console output for 2 s" in str(error) and "kernel-boot" in str(error)
+    assert result.qemu_exit.startswith("killed by qemupatch")
+
+
+def test_chatty_guest_hits_the_stage_deadline(tmp_path):
+    dl = Deadlines(qemu_start=10, kernel_boot=10, tests=2, shutdown=5, idle=1)
+    _, error, _, _ = fake_run(tmp_path, "chatty-forever", dl)
+    assert isinstance(error, BootDeadline) and "guest-tests ran past its 2 s deadline" in str(error)
+
+
+def test_no_poweroff_hits_the_shutdown_deadline(tmp_path):
+    dl = Deadlines(qemu_start=10, kernel_boot=10, tests=10, shutdown=1, idle=10)
+    result, error, _, _ = fake_run(tmp_path, "no-poweroff", dl)
+    assert isinstance(error, BootDeadline) and "power off" in str(error)
+    assert result.guest_rc == 0
+
+
+def test_failed_guest_test(tmp_path):
+    _, error, _, _ = fake_run(tmp_path, "testfail")
+    assert isinstance(error, GuestTestFailed) and error.exit_code == 23
+    assert "large" in str(error)
+
+
+def test_kernel_oops_fails_even_if_tests_pass(tmp_path):
+    _, error, _, _ = fake_run(tmp_path, "oops")
+    assert isinstance(error, GuestTestFailed) and "NULL pointer" in str(error)
+
+
+def test_guest_pass_the_host_did_not_see_fails(tmp_path):
+    result, error, _, _ = fake_run(tmp_path, "large-unseen")
+    assert isinstance(error, GuestTestFailed)
+    (check,) = [c for c in result.checks if c.name == "host-echo-large"]
+    assert check.status == "fail" and "0123456789abcdef" in check.detail
+
+
+def test_qemu_that_does_not_start(tmp_path):
+    result, error, _, out = fake_run(tmp_path, "badstart")
+    assert isinstance(error, QemuStartError) and error.exit_code == 21
+    assert "invalid option" in str(error)        # QEMU's own words in the message
+    assert [s.status for s in result.stages] == ["fail", "skip", "skip", "skip"]
+
+
+def test_missing_vmsocket_devices_is_a_start_error(tmp_path):
+    _, error, _, _ = fake_run(tmp_path, "nodevices")
+    assert isinstance(error, QemuStartError) and "expected 4 vmsocket" in str(error)
+
+
+def test_no_qemu_survives_the_run(tmp_path):
+    """After a watchdog kill, no fake QEMU of this test is left running."""
+    dl = Deadlines(qemu_start=10, kernel_boot=30, tests=30, shutdown=5, idle=1)
+    fake_run(tmp_path, "silent-hang", dl)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, timeout=10).stdout
+    assert str(tmp_path / "out" / "console.log") not in ps
+
+
+# -------------------------------------------------------------------- real
+
+def _real_inputs():
+    qemu = Path(os.environ.get("QEMUPATCH_QEMU", "/work/scratch/qemu-build/qemu-system-x86_64"))
+    module = Path(os.environ.get("QEMUPATCH_VMSOCKET_KO",
+                                 Path(__file__).parents[1] / "guest/kvm_vmsocket/kvm_vmsocket.ko"))
+    prog = Path(os.environ.get("QEMUPATCH_VMSOCKET_TEST",
+                               Path(__file__).parents[1] / "guest/vmsocket-test"))
+    missing = [str(p) for p in (qemu, module, prog) if not p.exists()]
+    if missing:
+        pytest.skip(f"real boot needs {', '.join(missing)}")
+    return qemu, module, prog
+
+
+def real_image(module: Path | None, prog: Path | None) -> GuestImage:
+    from qemupatch import config, guest
+
+    cfg = config.load(Path(__file__).parents[1])
+    deb = os.environ.get("QEMUPATCH_KERNEL_DEB")
+    return guest.make_guest_image(cfg, vmsocket_module=module, test_program=prog,
+                                  kernel_deb=Path(deb) if deb else None)
+
+
+@pytest.mark.real
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("spelling", ["option", "device"])
+def test_real_boot_patched_qemu(tmp_path, spelling):
+    qemu, module, prog = _real_inputs()
+    img = real_image(module, prog)
+    lines: list[str] = []
+    result = run_boot_test(qemu, img, tmp_path / "out", spelling=spelling,
+                           progress=lines.append)
+    print("\n".join(lines))
+    names = {t.name: t.status for t in result.tests}
+    for name in ("short", "large", "many-small", "reconnect", "connect-refused",
+                 "signal-interrupts-read", "init.virtio-serial-echo", "init.vmsocket-shell-echo"):
+        assert names.get(name) == "pass", (name, names)
+    assert {c.name: c.status for c in result.checks}["host-echo-large"] == "pass"
+
+
+@pytest.mark.real
+@pytest.mark.timeout(600)
+def test_real_boot_stock_qemu_without_vmsocket(tmp_path):
+    qemu = shutil.which("qemu-system-x86_64")
+    if not qemu:
+        pytest.skip("no qemu-system-x86_64 on PATH")
+    img = real_image(None, None)
+    result = run_boot_test(Path(qemu), img, tmp_path / "out", vmsocket=False,
+                           progress=None)
+    assert result.ok and result.guest_rc == 0
+    assert {t.name: t.status for t in result.tests}["init.virtio-serial-echo"] == "pass"
+    assert result.servers["vs-echo"]["bytes_in"] > 0
