@@ -754,7 +754,7 @@ def run_boot_test(qemu: Path, image: GuestImage, out_dir: Path, *, bench: bool =
         console.poll()
         note(f"qemu: {qexit.describe()}")
         report = parse_console(console.text)
-        if report.done_rc is not None and vmsocket:
+        if report.done_rc is not None:
             checks.extend(_cross_check(report, servers, pci_count, tests))
         server_json = {n: s.to_json() for n, s in servers.all_stats().items()}
         qemu_tail = machine.log_tail()

@@ -45,7 +45,7 @@ from qemupatch.errors import CommandFailed, CommandTimeout, GuestImageError
 from qemupatch.run import run
 
 # Bump when the image layout or /init changes: it is part of the cache key.
-IMAGE_FORMAT = 3
+IMAGE_FORMAT = 4
 
 # insmod order for virtio-serial in a 6.1 Debian guest (dependencies first).
 VIRTIO_MODULES = (
@@ -375,7 +375,9 @@ echo "QEMUPATCH-VPORTS echo=$VP_ECHO sink=$VP_SINK source=$VP_SOURCE"
 # one line through the virtio-serial echo server, with busybox only
 if [ -n "$VP_ECHO" ]; then
     word=qemupatch-ping-$$-$(cat /proc/sys/kernel/random/uuid 2>/dev/null | cut -c1-8)
-    got=$( (exec 3<>$VP_ECHO; echo $word >&3; timeout 10 head -n 1 <&3) 2>&1)
+    # read -t, not "timeout head": busybox timeout's watcher child would keep
+    # the port open, and a virtio port takes one opener at a time (EBUSY).
+    got=$( (exec 3<>$VP_ECHO; echo $word >&3; read -r -t 10 line <&3; echo "$line") 2>&1)
     if [ "$got" = "$word" ]; then step virtio-serial-echo PASS bytes=$((${{#word}}+1)); else step virtio-serial-echo FAIL got=$(echo $got | tr ' ' _); fi
 else
     step virtio-serial-echo FAIL reason=no-port
@@ -404,7 +406,7 @@ fi
 if [ "$TESTS" = 1 ] && [ -c /dev/vmsocket0 ]; then
     # one line through the vmsocket echo server, with busybox only
     word=qemupatch-vmsocket-$$
-    got=$( (exec 3<>/dev/vmsocket0; echo $word >&3; timeout 10 head -n 1 <&3) 2>&1)
+    got=$( (exec 3<>/dev/vmsocket0; echo $word >&3; read -r -t 10 line <&3; echo "$line") 2>&1)
     if [ "$got" = "$word" ]; then step vmsocket-shell-echo PASS bytes=$((${{#word}}+1)); else step vmsocket-shell-echo FAIL got=$(echo $got | tr ' ' _); fi
     if [ -x /bin/vmsocket-test ]; then
         for t in "selftest /dev/vmsocket0" "refused /dev/vmsocket1" "signal /dev/vmsocket0"; do

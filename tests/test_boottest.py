@@ -23,6 +23,7 @@ from qemupatch.boottest import (BenchRow, Deadlines, bench_table, format_bench_t
 from qemupatch.errors import (BootDeadline, GuestCrash, GuestTestFailed,
                               QemuStartError)
 from qemupatch.guest import GuestImage
+from guestinputs import real_image, real_inputs
 
 FAKE = Path(__file__).parent / "fakeqemu" / "qemu-system-x86_64"
 FAST = Deadlines(qemu_start=10, kernel_boot=10, tests=10, shutdown=5, idle=10)
@@ -238,32 +239,11 @@ def test_no_qemu_survives_the_run(tmp_path):
 
 # -------------------------------------------------------------------- real
 
-def _real_inputs():
-    qemu = Path(os.environ.get("QEMUPATCH_QEMU", "/work/scratch/qemu-build/qemu-system-x86_64"))
-    module = Path(os.environ.get("QEMUPATCH_VMSOCKET_KO",
-                                 Path(__file__).parents[1] / "guest/kvm_vmsocket/kvm_vmsocket.ko"))
-    prog = Path(os.environ.get("QEMUPATCH_VMSOCKET_TEST",
-                               Path(__file__).parents[1] / "guest/vmsocket-test"))
-    missing = [str(p) for p in (qemu, module, prog) if not p.exists()]
-    if missing:
-        pytest.skip(f"real boot needs {', '.join(missing)}")
-    return qemu, module, prog
-
-
-def real_image(module: Path | None, prog: Path | None) -> GuestImage:
-    from qemupatch import config, guest
-
-    cfg = config.load(Path(__file__).parents[1])
-    deb = os.environ.get("QEMUPATCH_KERNEL_DEB")
-    return guest.make_guest_image(cfg, vmsocket_module=module, test_program=prog,
-                                  kernel_deb=Path(deb) if deb else None)
-
-
 @pytest.mark.real
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("spelling", ["option", "device"])
 def test_real_boot_patched_qemu(tmp_path, spelling):
-    qemu, module, prog = _real_inputs()
+    qemu, module, prog = real_inputs()
     img = real_image(module, prog)
     lines: list[str] = []
     result = run_boot_test(qemu, img, tmp_path / "out", spelling=spelling,
