@@ -844,6 +844,13 @@ def _cross_check(report: ConsoleReport, servers: ServerSet, pci_count: int | Non
         out.append(Check("host-echo-connections", "pass" if ok else "fail",
                          f"echo server saw {len(echo.connections)} connections "
                          "(shell echo, selftest, reconnect, signal...)"))
+    refused = by.get("connect-refused")
+    if refused is not None:
+        # The host end is a socket bound but not listening: exactly ECONNREFUSED.
+        got = refused.get("errno")
+        out.append(Check("host-refused-errno", "pass" if got == "ECONNREFUSED" else "fail",
+                         f"guest got errno {got} connecting to a bound, non-listening "
+                         "socket; expected ECONNREFUSED"))
     vs_echo = servers.stats("vs-echo")
     step = by.get("init.virtio-serial-echo")
     if step and step.status == "pass":
