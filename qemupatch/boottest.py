@@ -475,7 +475,7 @@ class BootResult:
 
     def to_json(self) -> dict:
         return {
-            "schema": SCHEMA,
+            "schema": SCHEMA, "status": "done",
             "ok": self.ok, "failure": self.failure, "message": self.message,
             "exit_code": self.exit_code, "accel": self.accel, "qemu": self.qemu,
             "spelling": self.spelling, "image": self.image.to_json(),
@@ -704,6 +704,11 @@ def run_boot_test(qemu: Path, image: GuestImage, out_dir: Path, *, bench: bool =
                          paths=servers.paths, vmsocket=vmsocket, spelling=spelling,
                          append=append, extra=extra_args)
         console = _Console(console_path)
+        # What this run uses, written before QEMU starts so that it survives a kill.
+        (out_dir / "boot-test.json").write_text(json.dumps(
+            {"schema": SCHEMA, "ok": None, "status": "running", "accel": accel,
+             "qemu": str(qemu), "argv": argv, "image": image.to_json(),
+             "deadlines": asdict(deadlines)}, indent=2) + "\n")
         with QemuMachine(argv, out_dir, qmp_path) as machine:
             stage, t_stage = "qemu-start", time.monotonic()
             note(f"{stage}: {qemu} ({accel})")
