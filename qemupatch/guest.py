@@ -84,7 +84,7 @@ class GuestImage:
     kernel_version: str
     kernel_name: str
     digest: str                       # content hash of every input
-    modules: tuple[str, ...]          # virtio modules in insmod order
+    modules: tuple[str, ...]          # virtio modules in insmod order (not built in)
     vmsocket_module: bool
     test_program: bool
 
@@ -210,7 +210,9 @@ def fetch_kernel(kernel: GuestKernel, cache_dir: Path, *, deb: Path | None = Non
     opts = () if deb else apt_options_for_suite(kernel.suite, cache_dir)
     debfile = _download(kernel.image_package, base, deb=deb, timeout=timeout, apt_options=opts)
     root = _unpack(debfile, base / "root")
-    mods = sorted((root / "lib" / "modules").glob("*/kernel"))
+    # bookworm ships /lib/modules, trixie (merged /usr) /usr/lib/modules
+    mods = sorted([*(root / "lib" / "modules").glob("*/kernel"),
+                   *(root / "usr" / "lib" / "modules").glob("*/kernel")])
     if len(mods) != 1:
         raise GuestImageError(
             f"{debfile.name}: expected one lib/modules/<version>/kernel, found {len(mods)}")
@@ -265,6 +267,15 @@ def find_module(modules_dir: Path, name: str) -> Path:
             f"module {name} not found under {modules_dir}/kernel "
             "(is virtio built into this kernel? then drop it from the list)")
     return hits[0]
+
+
+def builtin_modules(modules_dir: Path) -> set[str]:
+    """Names of the modules this kernel has built in (``modules.builtin``)."""
+    try:
+        text = (modules_dir / "modules.builtin").read_text()
+    except FileNotFoundError:
+        return set()
+    return {Path(line.strip()).name.split(".ko")[0] for line in text.splitlines() if line.strip()}
 
 
 def module_vermagic(data: bytes) -> str | None:
@@ -465,6 +476,9 @@ def build_image(kernel: KernelFiles, busybox: Path, cache_dir: Path, *,
     bb = busybox.read_bytes()
     if not _is_static_elf(bb):
         raise GuestImageError(f"{busybox}: not a static ELF binary")
+    # Only the modules this kernel does not have built in (6.12 builds virtio in).
+    builtin = builtin_modules(kernel.modules_dir)
+    modules = tuple(m for m in modules if m not in builtin)
     mods = [(name, read_module(find_module(kernel.modules_dir, name))) for name in modules]
     extra: dict[str, bytes] = {}
     if vmsocket_module is not None:
