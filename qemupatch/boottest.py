@@ -559,14 +559,19 @@ def write_junit(result: BootResult, path: Path) -> None:
 # ------------------------------------------------------------------ argv
 
 
+def _opt(value: object) -> str:
+    """A value inside a QEMU ``key=value,...`` option: commas are doubled."""
+    return str(value).replace(",", ",,")
+
+
 def qemu_argv(qemu: Path, image: GuestImage, *, accel: str, console: Path, qmp: Path,
               paths: Mapping[str, Path], vmsocket: bool, spelling: str,
               append: str, extra: Sequence[str] = ()) -> list[str]:
     argv = [str(qemu), "-S", "-accel", accel, "-m", "512", "-nographic", "-no-reboot",
             "-nic", "none", "-L", "/usr/share/qemu", "-L", "/usr/share/seabios",
             "-monitor", "none", "-parallel", "none",
-            "-serial", f"file:{console}",
-            "-chardev", f"socket,id=qmp0,path={qmp},server=on,wait=off",
+            "-chardev", f"file,id=console0,path={_opt(console)}", "-serial", "chardev:console0",
+            "-chardev", f"socket,id=qmp0,path={_opt(qmp)},server=on,wait=off",
             "-mon", "chardev=qmp0,mode=control",
             "-kernel", str(image.kernel), "-initrd", str(image.initramfs),
             "-append", append]
@@ -575,12 +580,13 @@ def qemu_argv(qemu: Path, image: GuestImage, *, accel: str, console: Path, qmp: 
             if spelling == "option":
                 argv += ["-vmsocket", f"unix:{paths[name]}"]
             elif spelling == "device":
-                argv += ["-device", f"vmsocket,id=vmsocket{i},path={paths[name]},addr={slot:#x}"]
+                argv += ["-device",
+                         f"vmsocket,id=vmsocket{i},path={_opt(paths[name])},addr={slot:#x}"]
             else:
                 raise ValueError(f"unknown vmsocket spelling {spelling!r}: option or device")
     argv += ["-device", "virtio-serial-pci,id=vser0"]
     for kind, port in VPORT_NAMES.items():
-        argv += ["-chardev", f"socket,id=vs{kind},path={paths['vs-' + kind]}",
+        argv += ["-chardev", f"socket,id=vs{kind},path={_opt(paths['vs-' + kind])}",
                  "-device", f"virtserialport,bus=vser0.0,chardev=vs{kind},name={port}"]
     return argv + list(extra)
 

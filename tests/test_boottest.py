@@ -150,6 +150,14 @@ def test_fake_ok_passes_and_keeps_artifacts(tmp_path):
     assert {"qmp.query-pci", "guest-pci-matches-qmp"} <= {c.name for c in result.checks}
 
 
+def test_out_dir_with_a_comma(tmp_path):
+    """QEMU options split on commas: the console path must be escaped."""
+    odd = tmp_path / "a,b"
+    odd.mkdir()
+    result, error, _, out = fake_run(odd, "ok")
+    assert error is None and (out / "console.log").read_text().startswith("[")
+
+
 def test_fake_ok_device_spelling(tmp_path):
     result, error, _, _ = fake_run(tmp_path, "ok", spelling="device")
     assert error is None and result.spelling == "device"
