@@ -561,7 +561,7 @@ class Engine:
         try:
             container.start()
             why = _pump(
-                _chunks(container.logs(stream=True, follow=True)),
+                _log_stream(container),
                 deadline, idle_timeout, lambda text: sink.write(str(text)))
             if why:
                 try:
@@ -648,8 +648,10 @@ def _engine_error(what: str, exc: Exception) -> Exception:
     return ContainerKilled(f"{what} failed: {exc}")
 
 
-def _chunks(stream: Iterable[bytes]) -> Iterable[str]:
-    for chunk in stream:
+def _log_stream(container) -> Iterable[str]:
+    """The container's output; opened lazily, in the reader thread, because
+    podman answers the logs request only once there is output."""
+    for chunk in container.logs(stream=True, follow=True):
         yield chunk.decode("utf-8", "replace") if isinstance(chunk, bytes) else str(chunk)
 
 
@@ -695,7 +697,12 @@ class DockerEngine(Engine):
         url = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
         if url.startswith("unix://") and not Path(url[len("unix://"):]).exists():
             raise NoContainerEngine(f"docker: no daemon socket at {url}")
-        engine = cls(url, api_timeout=api_timeout)
+        try:
+            # The client asks the daemon its API version (socket timeout
+            # api_timeout), then ping with a deadline.
+            engine = cls(url, api_timeout=api_timeout)
+        except Exception as exc:
+            raise NoContainerEngine(f"docker: daemon at {url} does not answer: {exc}") from exc
         try:
             engine._call(engine.client.ping, timeout=min(api_timeout, 15),
                          what=f"pinging {url}")
@@ -749,7 +756,13 @@ class PodmanEngine(Engine):
                     f"podman: '{' '.join(argv)}' did not start "
                     f"(exit {proc.returncode}): {_tail(text, 10)}")
             time.sleep(0.1)
-        engine = cls(f"unix://{sock}", proc=proc, state_dir=state, api_timeout=api_timeout)
+        try:
+            engine = cls(f"unix://{sock}", proc=proc, state_dir=state,
+                         api_timeout=api_timeout)
+        except Exception as exc:
+            _stop(proc)
+            shutil.rmtree(state, ignore_errors=True)
+            raise NoContainerEngine(f"podman: the service does not answer: {exc}") from exc
         try:
             engine._call(engine.client.ping, timeout=max(1.0, deadline - time.monotonic()),
                          what="pinging the podman service")
