@@ -205,6 +205,25 @@ class QemuExit:
         return f"QEMU exited with status {self.returncode}"
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to SIGKILL the child when we die, so even a
+    ``kill -9`` of qemupatch leaves no QEMU behind (libc is loaded before
+    the fork: the child only makes the one call)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+    return preexec
+
+
 class QemuMachine:
     """A QEMU process with a QMP connection; a context manager that always
     ends and reaps QEMU (after QEMU's python/qemu ``machine.py``).
@@ -244,7 +263,8 @@ class QemuMachine:
         try:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
                                          stdout=self._log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+                                         start_new_session=True,
+                                         preexec_fn=_die_with_parent())
         except OSError as exc:
             raise QemuStartError(f"could not run {self.argv[0]}: {exc}") from exc
         self._loop = asyncio.new_event_loop()

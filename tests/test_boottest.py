@@ -241,7 +241,7 @@ def test_no_qemu_survives_the_run(tmp_path):
     """After a watchdog kill, no fake QEMU of this test is left running."""
     dl = Deadlines(qemu_start=10, kernel_boot=30, tests=30, shutdown=5, idle=1)
     fake_run(tmp_path, "silent-hang", dl)
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, timeout=10).stdout
+    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True, timeout=10).stdout
     assert str(tmp_path / "out" / "console.log") not in ps
 
 
@@ -276,3 +276,46 @@ def test_real_boot_stock_qemu_without_vmsocket(tmp_path):
     assert result.ok and result.guest_rc == 0
     assert {t.name: t.status for t in result.tests}["init.virtio-serial-echo"] == "pass"
     assert result.servers["vs-echo"]["bytes_in"] > 0
+
+
+def test_qemu_dies_with_a_killed_qemupatch(tmp_path):
+    """kill -9 of the process running the boot test takes its QEMU along."""
+    import signal
+    import sys
+    import time
+
+    script = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parents[1])!r})
+from pathlib import Path
+from qemupatch.boottest import Deadlines, run_boot_test
+from qemupatch.guest import GuestImage
+img = GuestImage(Path('k'), Path('i'), 'v', 'n', 'd', (), True, True)
+run_boot_test(Path({str(FAKE)!r}), img, Path({str(tmp_path / 'out')!r}), accel='tcg',
+              deadlines=Deadlines(kernel_boot=300, idle=300),
+              extra_args=['-fake-scenario', 'silent-hang'])
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    try:
+        console = tmp_path / "out" / "console.log"
+        deadline = time.monotonic() + 30
+        while not (console.exists() and console.stat().st_size) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert console.exists(), "fake QEMU never started"
+
+        def fakes() -> list[str]:
+            ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True,
+                                timeout=10).stdout
+            return [line for line in ps.splitlines() if str(console) in line]
+
+        assert fakes()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while fakes() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not fakes()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
