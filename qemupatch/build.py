@@ -309,8 +309,16 @@ def _call_text(func: str, *args: object, **kwargs: object) -> str:
             + ",\n    ".join(parts) + "))")
 
 
+def _cli_run(eng: Engine) -> str:
+    """The CLI spelling of a qemupatch container run, for reproduce.sh."""
+    if eng.name == "podman":
+        return ("podman run --rm --runtime runc --ulimit nofile=1024:1024 "
+                "--ulimit nproc=1000:1000")
+    return f"{eng.name} run --rm"
+
+
 @contextmanager
-def _engine(engine: "str | Engine") -> Iterator[Engine]:
+def _engine(engine: "str | Engine") -> Iterator[Engine]:  # noqa: D401
     if isinstance(engine, Engine):
         yield engine
         return
@@ -515,7 +523,7 @@ def _qemu_container(eng: Engine, source: Path, out_dir: Path, log_dir: Path,
               Mount(ccache_volume, "/ccache", "volume")]
     env = {"CCACHE_DIR": "/ccache", "PATH": "/usr/lib/ccache:/usr/local/bin:/usr/bin:/bin"}
     container_cmd = (
-        f"{eng.name} run --rm --network none -v {source}:/src:O -v {build_dir}:/build "
+        f"{_cli_run(eng)} --network none -v {source}:/src:O -v {build_dir}:/build "
         f"-v {ccache_volume}:/ccache -e CCACHE_DIR=/ccache -e PATH={env['PATH']} "
         f"{image.tag} bash -c {shlex.quote(script)}")
     record.update(stage="compile", image={
@@ -713,7 +721,7 @@ def _build_module(module_src: Path, kernel: GuestKernel, out_dir: Path, *,
                 staging = out_dir / f".module-{kernel.name}"
                 shutil.rmtree(staging, ignore_errors=True)
                 staging.mkdir()
-                container_cmd = (f"{eng.name} run --rm --network none -v {module_src}:/module:ro "
+                container_cmd = (f"{_cli_run(eng)} --network none -v {module_src}:/module:ro "
                                  f"-v {staging}:/out {image.tag} bash -c {shlex.quote(script)}")
                 record.update(stage="compile", image={
                     "id": image.id, "tag": image.tag, "base": image.base,
@@ -876,7 +884,7 @@ def build_guest_program(src: Path, out_dir: Path, *, engine: "str | Engine" = "a
                                max(1.0, deadline - time.monotonic()))
                 facts = _image_facts(eng, image, min(300.0, max(1.0, deadline - time.monotonic())))
                 cmd = ["gcc", *flags, "-o", f"/out/{name}", f"/src/{src.name}"]
-                container_cmd = (f"{eng.name} run --rm --network none -v {src.parent}:/src:ro "
+                container_cmd = (f"{_cli_run(eng)} --network none -v {src.parent}:/src:ro "
                                  f"-v {out_dir}:/out {image.tag} {' '.join(cmd)}")
                 record.update(stage="compile", image={"id": image.id, "tag": image.tag,
                                                       "base": image.base},
