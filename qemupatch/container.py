@@ -744,7 +744,7 @@ class PodmanEngine(Engine):
         log.debug("starting %s", " ".join(argv))
         proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL,
                                 stdout=service_log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_die_with_parent)
         service_log.close()
         deadline = time.monotonic() + start_timeout
         while not sock.exists():
@@ -778,6 +778,17 @@ class PodmanEngine(Engine):
             self.proc = None
             shutil.rmtree(self.state_dir, ignore_errors=True)
         atexit.unregister(self.close)
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when qemupatch dies, even by SIGKILL, so the
+    service never outlives it (Linux PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:

@@ -244,3 +244,30 @@ def test_real_build_image(dockerfile: str, tmp_path: Path) -> None:
 def test_engine_env_is_not_leaked(monkeypatch) -> None:
     """CONTAINERS_CONF is given to our own service only, never set globally."""
     assert "CONTAINERS_CONF" not in os.environ or os.environ["CONTAINERS_CONF"]
+
+
+@needs_podman
+def test_service_dies_with_a_killed_qemupatch(tmp_path: Path) -> None:
+    """kill -9 of the process that started the service stops the service."""
+    import signal
+    import subprocess
+    import sys
+
+    script = ("import sys, time; from qemupatch.container import Engine\n"
+              "e = Engine.get('podman'); print(e.proc.pid, e.state_dir, flush=True)\n"
+              "time.sleep(600)\n")
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                             text=True, cwd=REPO)
+    try:
+        pid, state = child.stdout.readline().split()
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists() and \
+            "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]:
+        time.sleep(0.2)
+    alive = Path(f"/proc/{pid}").exists() and \
+        "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    assert not alive, "the podman service outlived its parent"
+    shutil.rmtree(state, ignore_errors=True)
