@@ -350,9 +350,16 @@ def test_real_compile_failure_in_container(fake_src: Path, tmp_path: Path) -> No
     """The fake tree, compiled in the real build image, fails like the host."""
     (fake_src / "hello.c").write_text("int main(void) { return syntax error; }\n")
     out = tmp_path / "out"
-    with pytest.raises(CompileFailed, match="error:") as info:
-        build_qemu(fake_src, out, release="x", repacked=True, engine="auto", timeout=900,
-                   progress=NullProgress(), ccache_volume="qemupatch-ccache-test")
+    from qemupatch.container import Engine
+
+    with Engine.get("auto") as engine:
+        try:
+            with pytest.raises(CompileFailed, match="error:") as info:
+                build_qemu(fake_src, out, release="x", repacked=True, engine=engine,
+                           timeout=900, progress=NullProgress(),
+                           ccache_volume="qemupatch-ccache-test")
+        finally:
+            engine.remove_volume("qemupatch-ccache-test")
     assert "at compile" in str(info.value)
     assert _record(out)["image"]["id"]
     assert sorted(p.name for p in (fake_src / "pc-bios").iterdir()) == ["meson.build"]
