@@ -29,7 +29,8 @@ Failure classes (``qemupatch.errors``), first match wins:
 
 Whatever happens, ``<out>`` keeps ``console.log``, ``qemu.log`` (QEMU's
 stdout and stderr), ``qmp.jsonl`` (QMP transcript), ``qemu.cmdline``,
-``boot-test.json`` (``{"schema": 1, ...}``) and ``boot-test.junit.xml``, and
+``boot-test.json`` (``{"schema": 1, ...}``), ``boot-test.junit.xml`` (and
+``bench.txt`` when the benchmark ran), and
 no QEMU outlives ``QemuMachine``'s ``with`` block.
 """
 
@@ -807,7 +808,10 @@ def run_boot_test(qemu: Path, image: GuestImage, out_dir: Path, *, bench: bool =
     (out_dir / "boot-test.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
     write_junit(result, out_dir / "boot-test.junit.xml")
     if report.bench:
-        say(format_bench_table(report.bench))
+        table = format_bench_table(report.bench)
+        (out_dir / "bench.txt").write_text(
+            f"accel={accel} kernel={image.kernel_version} qemu={qemu}\n{table}\n")
+        say(table)
     note(f"boot-test: {'PASS' if result.ok else 'FAIL'}: {result.message.splitlines()[0]}")
     if error is not None:
         error.result = result   # type: ignore[attr-defined]
