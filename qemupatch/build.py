@@ -518,7 +518,7 @@ def _qemu_container(eng: Engine, source: Path, out_dir: Path, log_dir: Path,
     build_dir = build_dir.resolve()
     build_dir.mkdir(parents=True, exist_ok=True)
     script = _qemu_script(standins, jobs, "/src", "/build", CONFIGURE_ARGS)
-    mounts = [Mount(str(source), "/src", "overlay"),
+    mounts = [Mount(str(source), "/src", "overlay", exclude=(".git",)),
               Mount(str(build_dir), "/build", "rw"),
               Mount(ccache_volume, "/ccache", "volume")]
     env = {"CCACHE_DIR": "/ccache", "PATH": "/usr/lib/ccache:/usr/local/bin:/usr/bin:/bin"}
@@ -604,7 +604,8 @@ def _qemu_host(source: Path, out_dir: Path, log_dir: Path, build_dir: Path,
         src = build_dir.parent / (build_dir.name + "-src")
         src.mkdir(parents=True, exist_ok=True)
         try:
-            run(["cp", "-a", "--update", f"{source}/.", str(src)],
+            run(["sh", "-c", f"tar -C {shlex.quote(str(source))} --exclude=./.git -cf - . "
+                 f"| tar -C {shlex.quote(str(src))} -xf -"],
                 timeout=max(1.0, deadline - time.monotonic()))
         except (CommandFailed, CommandTimeout) as exc:
             raise _killed("QEMU", exc, record) from exc

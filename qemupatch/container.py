@@ -33,6 +33,7 @@ import logging
 import os
 import queue
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -86,6 +87,7 @@ class Mount:
     source: str
     target: str
     mode: str = "rw"
+    exclude: tuple[str, ...] = ()   # overlay copies only: top-level names to skip
 
 
 @dataclass(frozen=True)
@@ -604,7 +606,9 @@ class Engine:
                 # No overlay mounts: mount read-only and copy inside.
                 staged = "/.qemupatch-ro" + m.target
                 binds.append(f"{m.source}:{staged}:ro")
-                prep.append(f"mkdir -p {m.target} && cp -a {staged}/. {m.target}/")
+                skip = " ".join(f"--exclude=./{shlex.quote(x)}" for x in m.exclude)
+                prep.append(f"mkdir -p {m.target} && tar -C {staged} {skip} -cf - . "
+                            f"| tar -C {m.target} -xf -")
             elif m.mode == "overlay":
                 binds.append(f"{m.source}:{m.target}:O")
             elif m.mode in ("rw", "ro"):
