@@ -164,6 +164,12 @@ class TerminalProgress:
             print(f"[qemupatch build] {name}", file=self.file, flush=True)
 
     def line(self, text: str) -> None:
+        if text.startswith("qemupatch: "):      # notices from the engine
+            if self._rich is not None:
+                self._rich.console.print(text, markup=False, highlight=False)
+            else:
+                print(text, file=self.file, flush=True)
+            return
         m = NINJA_STEP_RE.match(text)
         if not m:
             return

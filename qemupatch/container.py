@@ -362,15 +362,15 @@ class Engine:
     def _try_pull(self, repo: str, tag: str, timeout: float,
                   on_line: LineCallback | None) -> bool:
         say = on_line or (lambda line: None)
-        say(f"pulling {repo}:{tag} (deadline {timeout:.0f} s)")
+        say(f"qemupatch: pulling {repo}:{tag} (deadline {timeout:.0f} s)")
         try:
             stream = self.client.api.pull(repo, tag=tag, stream=True, decode=True)
             why = _pump(stream, time.monotonic() + timeout, None, lambda item: None)
         except Exception as exc:
-            say(f"cannot pull {repo}:{tag}: {str(exc).splitlines()[0][:200]}")
+            say(f"qemupatch: cannot pull {repo}:{tag}: {str(exc).splitlines()[0][:200]}")
             return False
         if why:
-            say(f"pulling {repo}:{tag} ran past {timeout:.0f} s; giving up")
+            say(f"qemupatch: pulling {repo}:{tag} ran past {timeout:.0f} s; giving up")
             return False
         return self.image_id(f"{repo}:{tag}") is not None
 
@@ -382,7 +382,7 @@ class Engine:
                 "making it needs debootstrap: apt-get install debootstrap")
         mirror, security = debian_mirror()
         sink = _LogSink(log_path, on_line)
-        sink.write(f"debian:{suite} missing and not pullable: making it with "
+        sink.write(f"qemupatch: debian:{suite} missing and not pullable: making it with "
                    f"debootstrap --variant=minbase {suite} from {mirror}\n")
         start = time.monotonic()
         deadline = start + timeout
@@ -430,7 +430,8 @@ class Engine:
         image = self.image_id(name)
         if not image:
             raise ImageBuildFailed(f"imported {name} but the engine does not list it")
-        sink.write(f"made {name} ({image[:19]}) in {time.monotonic() - start:.0f} s\n")
+        sink.write(f"qemupatch: made {name} ({image[:19]}) in "
+                   f"{time.monotonic() - start:.0f} s\n")
         sink.close()
         return BaseImage(name, image, source)
 
@@ -473,7 +474,7 @@ class Engine:
             shutil.copyfile(dockerfile, ctx / "Dockerfile")
             for dest, src in (context_files or {}).items():
                 shutil.copyfile(src, ctx / dest)
-            sink.write(f"building {tag} from {dockerfile}\n")
+            sink.write(f"qemupatch: building image {tag} from {dockerfile}\n")
             stream = self.client.api.build(
                 path=str(ctx), dockerfile="Dockerfile", tag=tag,
                 buildargs={k: v for k, v in (buildargs or {}).items()},
