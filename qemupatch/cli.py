@@ -178,12 +178,78 @@ def cmd_rebase(ns: argparse.Namespace, cfg: config.Config) -> int:
     return 1 if rep.unresolved_conflicts else 0
 
 
+# -- build, boot, the whole pipeline ------------------------------------------------
+
+
+@command(
+    arg("--base", help="upstream release (default: the series' base)"),
+    arg("--engine", choices=["auto", "docker", "podman", "host"], default="auto",
+        help="where to compile: a container engine (auto: Docker if running, else a "
+             "private podman service) or the host"),
+    arg("--kernel", help="also build the guest module for this [[kernel]] name"),
+    arg("--out", type=Path, default=Path("out/build"), help="artifacts folder"),
+)
+def cmd_build(ns: argparse.Namespace, cfg: config.Config) -> int:
+    """Build QEMU with the series (and the guest module) inside a container."""
+    from qemupatch import build
+
+    rel, wt, _ = workflow.build_source(cfg, ns.base)
+    res = build.build_qemu(wt.path, ns.out / "qemu", release=rel.name,
+                           repacked=rel.provenance.repacked, engine=ns.engine,
+                           patches=cfg.patches_dir)
+    say(f"qemu: {res.binary} ({res.engine}, {res.seconds:.0f} s, provenance {res.build_json})")
+    if ns.kernel:
+        ko = build.build_module(cfg.root / "guest" / "kvm_vmsocket", cfg.kernel(ns.kernel),
+                                ns.out / f"module-{ns.kernel}", engine=ns.engine,
+                                patches=cfg.patches_dir)
+        say(f"module: {ko}")
+    return 0
+
+
+@command(
+    arg("--qemu", type=Path, required=True, help="the patched qemu-system-x86_64"),
+    arg("--module", type=Path, required=True, help="kvm_vmsocket.ko for the guest kernel"),
+    arg("--program", type=Path, required=True, help="the static vmsocket-test binary"),
+    arg("--kernel", help="[[kernel]] name from qemupatch.toml (default: the first)"),
+    arg("--bench", action="store_true", help="also measure vmsocket against virtio-serial"),
+    arg("--out", type=Path, default=Path("out/boot-test"), help="results folder"),
+)
+def cmd_boot_test(ns: argparse.Namespace, cfg: config.Config) -> int:
+    """Boot a guest and prove -vmsocket unix: works end to end."""
+    from qemupatch import boottest, guest
+
+    img = guest.make_guest_image(cfg, ns.kernel, vmsocket_module=ns.module,
+                                 test_program=ns.program)
+    res = boottest.run_boot_test(ns.qemu, img, ns.out, bench=ns.bench, progress=progress)
+    say(f"boot test: {'PASS' if res.ok else 'FAIL'} ({res.message}); results in {ns.out}")
+    return res.exit_code
+
+
+@command(
+    arg("--release", help="upstream release (default: the series' base)"),
+    arg("--kernel", help="guest [[kernel]] name (default: the first)"),
+    arg("--engine", choices=["auto", "docker", "podman", "host"], default="auto"),
+    arg("--bench", action="store_true", help="add the vmsocket/virtio-serial benchmark"),
+    arg("--out", type=Path, default=Path("out/pipeline"), help="results folder"),
+)
+def cmd_pipeline(ns: argparse.Namespace, cfg: config.Config) -> int:
+    """The main job: import, apply, build in a container, boot, test."""
+    from qemupatch import pipeline
+
+    res = pipeline.run_pipeline(cfg, ns.out, release=ns.release, kernel=ns.kernel,
+                                engine=ns.engine, bench=ns.bench, say=progress)
+    say(pipeline.summary(res))
+    return res.exit_code
+
+
 # -- main ------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="qemupatch", description=__doc__.splitlines()[0],
+        prog="qemupatch",
+        description="Keep the vmsocket device alive on modern QEMU: the patch series, "
+                    "rebases, container builds and boot tests.",
         epilog="exit codes: 0 ok, 1 failed or conflict, 2 bad input, 3 infrastructure, "
                "20-24 boot test (image, qemu, guest boot, guest tests, deadline), "
                "30-33 build (no engine, image, compile, killed)")

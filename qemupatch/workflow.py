@@ -21,7 +21,7 @@ from qemupatch.series import (
     read_series,
     write_series,
 )
-from qemupatch.upstream import Mirror, Release
+from qemupatch.upstream import Mirror, Release, add_release
 from qemupatch.worktree import WorkTree
 
 SIGNED_OFF = re.compile(r"^Signed-off-by: .+ <[^>]+>$", re.MULTILINE)
@@ -52,6 +52,26 @@ def apply(cfg: Config, base: str | None = None, worktree: Path | None = None) ->
     backup = wt.reset_to(rel.commit)
     commits = apply_series(wt, series, cfg.patches_dir)
     return Applied(rel, wt.path, wt.branch, tuple(commits), backup)
+
+
+def build_source(cfg: Config, base: str | None = None) -> tuple[Release, WorkTree, list[str]]:
+    """The series applied on ``base`` in a private work tree that builds use
+    (``<cache>/pipeline/<base>/src``), never the maintainer's; imports the
+    release first if needed."""
+    series = read_series(cfg.patches_dir)
+    name = series_base(cfg, series, base)
+    m = mirror(cfg)
+    rel = m.find(name) or add_release(cfg, m, name)
+    wt = WorkTree(cfg.mirror_dir, cfg.cache_dir / "pipeline" / name / "src",
+                  f"qemupatch-pipeline/{name}")
+    wt.reset_to(rel.commit, allow_dirty=True)
+    commits = apply_series(wt, series, cfg.patches_dir)
+    if name == series.base:
+        again = export_series(wt, name, rel.commit, series)
+        if [p.text for p in again.patches] != [p.text for p in series.patches]:
+            raise CheckFailed("apply -> export is not byte-identical to patches/ "
+                              "(run qemupatch export, or qemupatch check for details)")
+    return rel, wt, commits
 
 
 def export(cfg: Config, base: str | None = None, worktree: Path | None = None) -> Series:

@@ -1,6 +1,5 @@
 """Stage 1: the upstream mirror, on small synthetic releases."""
 
-from pathlib import Path
 
 import pytest
 
