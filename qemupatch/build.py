@@ -497,7 +497,7 @@ def _qemu_script(standins: Sequence[str], jobs: int, src: str, build: str,
         "fi",
         "command -v ccache >/dev/null && ccache -z >/dev/null || true",
         "echo '== compile'",
-        f"ninja -j{int(jobs)} || {{ echo \"ninja failed\"; exit 91; }}",
+        f"ninja -j{int(jobs)} {QEMU_BINARY} || {{ echo \"ninja failed\"; exit 91; }}",
         "echo '== ccache'",
         "command -v ccache >/dev/null && ccache --print-stats || true",
     ]
