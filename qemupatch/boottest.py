@@ -788,6 +788,11 @@ def run_boot_test(qemu: Path, image: GuestImage, out_dir: Path, *, bench: bool =
         report = parse_console(console.text)
         if report.done_rc is not None:
             checks.extend(_cross_check(report, servers, pci_count, tests))
+            if bench:
+                for channel in (("vmsocket",) if vmsocket else ()) + ("virtio-serial",):
+                    rows = [b for b in report.bench if b.channel == channel and not b.error]
+                    checks.append(Check(f"bench-{channel}-ran", "pass" if rows else "fail",
+                                        f"{len(rows)} {channel} benchmark rows"))
         server_json = {n: s.to_json() for n, s in servers.all_stats().items()}
         qemu_tail = machine.log_tail()
 

@@ -45,7 +45,7 @@ from qemupatch.errors import CommandFailed, CommandTimeout, GuestImageError
 from qemupatch.run import run
 
 # Bump when the image layout or /init changes: it is part of the cache key.
-IMAGE_FORMAT = 4
+IMAGE_FORMAT = 5
 
 # insmod order for virtio-serial in a 6.1 Debian guest (dependencies first).
 VIRTIO_MODULES = (
@@ -366,20 +366,19 @@ for m in {modules}; do
     insmod /lib/modules/$m.ko || {{ ok=FAIL; echo "insmod $m failed"; }}
 done
 step insmod-virtio $ok
-ports=""
-n=0
-while [ $n -lt 50 ]; do
-    ports=$(ls /sys/class/virtio-ports 2>/dev/null)
-    [ -n "$ports" ] && break
-    sleep 0.1; n=$((n+1))
-done
+# Ports appear one by one (and their names a little later): wait for all three.
 VP_ECHO=; VP_SINK=; VP_SOURCE=
-for p in $ports; do
-    case "$(cat /sys/class/virtio-ports/$p/name 2>/dev/null)" in
-        {vp_echo}) VP_ECHO=/dev/$p;;
-        {vp_sink}) VP_SINK=/dev/$p;;
-        {vp_source}) VP_SOURCE=/dev/$p;;
-    esac
+n=0
+while [ $n -lt 100 ]; do
+    for p in $(ls /sys/class/virtio-ports 2>/dev/null); do
+        case "$(cat /sys/class/virtio-ports/$p/name 2>/dev/null)" in
+            {vp_echo}) VP_ECHO=/dev/$p;;
+            {vp_sink}) VP_SINK=/dev/$p;;
+            {vp_source}) VP_SOURCE=/dev/$p;;
+        esac
+    done
+    [ -n "$VP_ECHO" ] && [ -n "$VP_SINK" ] && [ -n "$VP_SOURCE" ] && [ -c "$VP_SOURCE" ] && break
+    sleep 0.1; n=$((n+1))
 done
 echo "QEMUPATCH-VPORTS echo=$VP_ECHO sink=$VP_SINK source=$VP_SOURCE"
 
@@ -430,14 +429,24 @@ if [ "$TESTS" = 1 ] && [ -c /dev/vmsocket0 ]; then
     fi
 fi
 
-if [ "$BENCH" = 1 ] && [ -x /bin/vmsocket-test ]; then
-    if [ -c /dev/vmsocket3 ]; then
-        timeout $((TMO*5)) /bin/vmsocket-test bench vmsocket /dev/vmsocket0 /dev/vmsocket2 /dev/vmsocket3; r=$?
-        [ $r = 0 ] && step bench-vmsocket PASS || step bench-vmsocket FAIL rc=$r
-    fi
-    if [ -n "$VP_SOURCE" ]; then
-        timeout $((TMO*5)) /bin/vmsocket-test bench virtio-serial $VP_ECHO $VP_SINK $VP_SOURCE; r=$?
-        [ $r = 0 ] && step bench-virtio-serial PASS || step bench-virtio-serial FAIL rc=$r
+if [ "$BENCH" = 1 ]; then
+    if [ ! -x /bin/vmsocket-test ]; then
+        step bench FAIL reason=no-test-program
+    else
+        if [ $nvs -gt 0 ]; then
+            if [ -c /dev/vmsocket3 ]; then
+                timeout $((TMO*5)) /bin/vmsocket-test bench vmsocket /dev/vmsocket0 /dev/vmsocket2 /dev/vmsocket3; r=$?
+                [ $r = 0 ] && step bench-vmsocket PASS || step bench-vmsocket FAIL rc=$r
+            else
+                step bench-vmsocket FAIL reason=no-dev-vmsocket3
+            fi
+        fi
+        if [ -n "$VP_ECHO" ] && [ -n "$VP_SINK" ] && [ -n "$VP_SOURCE" ]; then
+            timeout $((TMO*5)) /bin/vmsocket-test bench virtio-serial $VP_ECHO $VP_SINK $VP_SOURCE; r=$?
+            [ $r = 0 ] && step bench-virtio-serial PASS || step bench-virtio-serial FAIL rc=$r
+        else
+            step bench-virtio-serial FAIL reason=missing-ports
+        fi
     fi
 fi
 
