@@ -9,7 +9,6 @@ boots the patched QEMU with the real guest.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
