@@ -42,6 +42,8 @@
 #define RTT_COUNT		2000
 #define RTT_SIZE		64
 
+#define ARRAY_SIZE(a)		(sizeof(a) / sizeof((a)[0]))
+
 static const char hello[] = "hello vmsocket\n";
 
 /* ---- helpers ---------------------------------------------------------- */
@@ -545,11 +547,11 @@ static int cmd_bench(const char *ch, const char *echo, const char *sink,
 	if (efd < 0 || kfd < 0 || sfd < 0)
 		return 1;
 
-	for (i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+	for (i = 0; i < ARRAY_SIZE(sizes); i++) {
 		if (bench_g2h(kfd, sizes[i], buf))
 			break;
 	}
-	for (i = 0; i < sizeof(sizes) / sizeof(sizes[0]); i++) {
+	for (i = 0; i < ARRAY_SIZE(sizes); i++) {
 		if (bench_h2g(sfd, sizes[i], buf))
 			break;
 	}
