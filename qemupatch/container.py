@@ -547,9 +547,51 @@ class Engine:
         and ContainerKilled is raised; so is one killed by a signal (e.g.
         the OOM killer).  A non-zero exit is returned, not raised.
         """
+        command = list(command)
+        overlays: list[Path] = []
+        try:
+            return self._run(image, command, mounts=self._host_overlays(mounts, overlays),
+                             env=env, network=network, workdir=workdir, timeout=timeout,
+                             idle_timeout=idle_timeout, log_path=log_path, on_line=on_line)
+        finally:
+            for tmp in overlays:
+                _unmount_overlay(tmp)
+
+    def _host_overlays(self, mounts: Sequence[Mount], made: list[Path]) -> list[Mount]:
+        """Overlay mounts made on the host when the engine cannot make them
+        (root, local engine): zero-copy, and nothing reaches the source.
+        Otherwise _binds() falls back to a read-only mount copied inside."""
+        if self.supports_overlay or os.geteuid() != 0 or \
+                not self.base_url.startswith("unix://") or \
+                os.environ.get("QEMUPATCH_NO_HOST_OVERLAY") == "1":
+            return list(mounts)
+        result = []
+        for m in mounts:
+            if m.mode != "overlay" or any(c in m.source for c in ",:"):
+                result.append(m)
+                continue
+            tmp = Path(tempfile.mkdtemp(prefix="qemupatch-overlay-"))
+            for sub in ("upper", "work", "merged"):
+                (tmp / sub).mkdir()
+            try:
+                run(["mount", "-t", "overlay", "overlay", "-o",
+                     f"lowerdir={m.source},upperdir={tmp}/upper,workdir={tmp}/work",
+                     tmp / "merged"], timeout=60)
+            except (CommandFailed, CommandTimeout, OSError) as exc:
+                log.debug("host overlay of %s failed, copying instead: %s", m.source, exc)
+                shutil.rmtree(tmp, ignore_errors=True)
+                result.append(m)
+                continue
+            made.append(tmp)
+            result.append(Mount(str(tmp / "merged"), m.target, "rw"))
+        return result
+
+    def _run(self, image: str, command: list[str], *, mounts: Sequence[Mount],
+             env: Mapping[str, str] | None, network: str, workdir: str | None,
+             timeout: float, idle_timeout: float | None, log_path: Path | None,
+             on_line: LineCallback | None) -> RunResult:
         import docker.errors
 
-        command = list(command)
         binds, volumes_prep = self._binds(mounts)
         if volumes_prep:
             command = ["sh", "-c", volumes_prep + ' && exec "$@"', "sh", *command]
@@ -651,6 +693,20 @@ def _engine_error(what: str, exc: Exception) -> Exception:
     if isinstance(exc, docker.errors.ImageNotFound):
         return ImageBuildFailed(f"{what}: image not found: {exc}")
     return ContainerKilled(f"{what} failed: {exc}")
+
+
+def _unmount_overlay(tmp: Path) -> None:
+    merged = tmp / "merged"
+    try:
+        run(["umount", merged], timeout=60)
+    except (CommandFailed, CommandTimeout, OSError):
+        log.warning("could not unmount %s; detaching it lazily", merged, exc_info=True)
+        try:
+            run(["umount", "-l", merged], timeout=60)
+        except (CommandFailed, CommandTimeout, OSError):
+            log.error("overlay %s is still mounted", merged)
+            return
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _log_stream(container) -> Iterable[str]:

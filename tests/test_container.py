@@ -184,8 +184,11 @@ def test_silent_container_trips_the_idle_watchdog(podman: Engine, bookworm: str)
 
 
 @needs_podman
+@pytest.mark.parametrize("host_overlay", ["1", "0"], ids=["host-overlay", "copy"])
 def test_run_streams_output_mounts_and_returns_exit_code(podman: Engine, bookworm: str,
-                                                          tmp_path: Path) -> None:
+                                                          tmp_path: Path, monkeypatch,
+                                                          host_overlay: str) -> None:
+    monkeypatch.setenv("QEMUPATCH_NO_HOST_OVERLAY", "0" if host_overlay == "1" else "1")
     src = tmp_path / "src"
     src.mkdir()
     (src / "file").write_text("original\n")
@@ -202,6 +205,7 @@ def test_run_streams_output_mounts_and_returns_exit_code(podman: Engine, bookwor
     assert (src / "file").read_text() == "original\n", "overlay must not write through"
     assert "original" in (tmp_path / "run.log").read_text()
     assert set(podman.leftover_containers()) <= before
+    assert "qemupatch-overlay-" not in Path("/proc/mounts").read_text()
 
 
 @needs_podman
