@@ -590,8 +590,6 @@ class Engine:
              env: Mapping[str, str] | None, network: str, workdir: str | None,
              timeout: float, idle_timeout: float | None, log_path: Path | None,
              on_line: LineCallback | None) -> RunResult:
-        import docker.errors
-
         binds, volumes_prep = self._binds(mounts)
         if volumes_prep:
             command = ["sh", "-c", volumes_prep + ' && exec "$@"', "sh", *command]
@@ -604,14 +602,15 @@ class Engine:
             labels={CONTAINER_LABEL: "1"}, detach=True, tty=False),
             timeout=min(timeout, self.api_timeout), what="creating a container")
         try:
-            container.start()
+            self._call(container.start, timeout=min(timeout, self.api_timeout),
+                       what="starting the container")
             why = _pump(
                 _log_stream(container),
                 deadline, idle_timeout, lambda text: sink.write(str(text)))
             if why:
                 try:
-                    container.kill()
-                except docker.errors.APIError:
+                    self._call(container.kill, timeout=60, what="killing the container")
+                except ContainerKilled:  # already gone; removed below either way
                     pass
                 sink.close()
                 limit = timeout if why == "deadline" else idle_timeout

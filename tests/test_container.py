@@ -205,7 +205,7 @@ def test_run_streams_output_mounts_and_returns_exit_code(podman: Engine, bookwor
     assert (src / "file").read_text() == "original\n", "overlay must not write through"
     assert "original" in (tmp_path / "run.log").read_text()
     assert set(podman.leftover_containers()) <= before
-    assert "qemupatch-overlay-" not in Path("/proc/mounts").read_text()
+    assert f"lowerdir={src}," not in Path("/proc/mounts").read_text()
 
 
 @needs_podman
