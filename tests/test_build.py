@@ -7,7 +7,8 @@ and compile QEMU 10.2.2 (with the vmsocket series when its branch exists),
 the guest module for 6.1 and 6.12 and the guest program in containers.
 
 Real-test inputs (override with environment variables):
-    QEMUPATCH_QEMU_SRC     a QEMU source tree (default /work/scratch/qemu-ct)
+    QEMUPATCH_QEMU_SRC     a QEMU source tree (default: 10.2.2 from Debian with
+                           the series in patches/ applied, via workflow.build_source)
     QEMUPATCH_MODULE_SRC   the module source (default guest/kvm_vmsocket)
     QEMUPATCH_BUILD_OUT    where real builds go (default: pytest's tmp dir)
 """
@@ -265,11 +266,19 @@ def test_host_guest_program(tmp_path: Path) -> None:
 # -- real: containers, real QEMU and real modules -----------------------------
 
 
-def _qemu_src() -> Path:
-    src = Path(os.environ.get("QEMUPATCH_QEMU_SRC", "/work/scratch/qemu-ct"))
-    if not (src / "configure").is_file():
-        pytest.skip(f"no QEMU source tree at {src} (set QEMUPATCH_QEMU_SRC)")
-    return src
+def _qemu_src(tmp_path: Path) -> Path:
+    """QEMUPATCH_QEMU_SRC, else 10.2.2 with the shipped series applied
+    (imported from Debian into the cache like the series tests do)."""
+    if env := os.environ.get("QEMUPATCH_QEMU_SRC"):
+        src = Path(env)
+        if not (src / "configure").is_file():
+            pytest.fail(f"QEMUPATCH_QEMU_SRC={src} is not a QEMU source tree")
+        return src
+    from qemupatch import workflow
+    from tests.realqemu import real_project
+
+    _release, worktree, _commits = workflow.build_source(real_project(tmp_path))
+    return worktree.path
 
 
 def _out(tmp_path: Path, name: str) -> Path:
@@ -293,7 +302,7 @@ def _module_src() -> Path:
 
 @pytest.mark.real
 def test_real_qemu_in_container(tmp_path: Path) -> None:
-    src = _qemu_src()
+    src = _qemu_src(tmp_path)
     out = _out(tmp_path, "qemu")
     result = build_qemu(src, out, release="v10.2.2", repacked=True, engine="auto",
                         jobs=2, timeout=3600, patches=REPO / "patches")
