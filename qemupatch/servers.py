@@ -276,17 +276,19 @@ class ServerSet:
         self.close()
 
     def start(self) -> None:
+        if bad := sorted({k for k in self._specs.values() if k not in KINDS}):
+            raise ValueError(f"unknown server kind(s) {bad}; known: {', '.join(KINDS)}")
         self.dir = Path(tempfile.mkdtemp(prefix="qemupatch-srv-"))
-        self.dir.chmod(0o700)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever,
-                                        name="qemupatch-servers", daemon=True)
-        self._thread.start()
-        for name, kind in self._specs.items():
-            self._servers[name] = _Server(name, kind, self.dir / f"{name}.sock",
-                                          fnv_limit=self._fnv_limit,
-                                          keep_limit=self._keep_limit)
         try:
+            self.dir.chmod(0o700)
+            self._loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=self._loop.run_forever,
+                                            name="qemupatch-servers", daemon=True)
+            self._thread.start()
+            for name, kind in self._specs.items():
+                self._servers[name] = _Server(name, kind, self.dir / f"{name}.sock",
+                                              fnv_limit=self._fnv_limit,
+                                              keep_limit=self._keep_limit)
             self._call(self._start_all(), self._start_timeout)
         except BaseException:
             self.close()
@@ -294,7 +296,11 @@ class ServerSet:
 
     async def _start_all(self) -> None:
         for s in self._servers.values():
-            await s.start()
+            try:
+                await s.start()
+            except OSError as exc:
+                raise ServerError(f"cannot start the {s.kind} server '{s.name}' "
+                                  f"at {s.path}: {exc}") from exc
 
     async def _stop_all(self) -> None:
         for s in self._servers.values():

@@ -9,6 +9,7 @@ boots the patched QEMU with the real guest.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
@@ -294,7 +295,9 @@ run_boot_test(Path({str(FAKE)!r}), img, Path({str(tmp_path / 'out')!r}), accel='
               deadlines=Deadlines(kernel_boot=300, idle=300),
               extra_args=['-fake-scenario', 'silent-hang'])
 """
-    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    # TMPDIR: the killed process cannot remove its server folder; keep it in tmp_path
+    proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
     try:
         console = tmp_path / "out" / "console.log"
         deadline = time.monotonic() + 30

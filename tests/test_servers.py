@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from qemupatch.servers import ServerSet, fnv1a64, source_pattern
+from qemupatch.servers import ServerError, ServerSet, fnv1a64, source_pattern
 
 ALL = {"echo": "echo", "sink": "sink", "source": "source", "refused": "refused"}
 
@@ -140,9 +140,34 @@ def test_refused_path_refuses(servers):
     assert info.value.errno == errno.ECONNREFUSED
 
 
-def test_unknown_kind_is_rejected():
+def test_unknown_kind_is_rejected_and_nothing_is_left(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)     # re-read TMPDIR
     with pytest.raises(ValueError, match="unknown server kind"):
         ServerSet({"x": "bogus"}).start()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_start_failure_cleans_up(tmp_path, monkeypatch):
+    """A server that cannot bind (path taken by a folder) leaves no folder."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    s = ServerSet({"echo": "echo", "refused": "refused"})
+    real_mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(**kw):
+        d = real_mkdtemp(**kw)
+        os.mkdir(os.path.join(d, "refused.sock"))          # bind() will fail
+        return d
+
+    monkeypatch.setattr(tempfile, "mkdtemp", mkdtemp)
+    with pytest.raises(ServerError, match="refused.sock"):
+        s.start()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_throughput_has_no_per_byte_work(servers):
