@@ -83,6 +83,13 @@ struct vmsocket_dev {
 	bool gone;			/* remove() has started; no more hardware access */
 };
 
+/* How a caller waits for its action to complete. */
+enum vmsocket_wait {
+	VMSOCKET_WAIT_UNINTERRUPTIBLE,	/* CLOSE */
+	VMSOCKET_WAIT_INTERRUPTIBLE,	/* signals cancel the action */
+	VMSOCKET_WAIT_NONBLOCK,		/* O_NONBLOCK: cancel unless done at once */
+};
+
 static DEFINE_IDA(vmsocket_ida);
 
 static void vmsocket_free(struct kref *kref)
@@ -126,10 +133,11 @@ static s32 vmsocket_cancel(struct vmsocket_dev *vd)
 
 /*
  * Wait for the action just started to complete. Called with vd->lock held.
- * Returns the final STATUS. *cancelled is set when a signal (or remove())
- * made us cancel it; STATUS then tells what the action still achieved.
+ * Returns the final STATUS. *cancelled is set when a signal, O_NONBLOCK or
+ * remove() made us cancel it; STATUS then tells what the action still
+ * achieved.
  */
-static s32 vmsocket_wait(struct vmsocket_dev *vd, bool interruptible,
+static s32 vmsocket_wait(struct vmsocket_dev *vd, enum vmsocket_wait mode,
 			 bool *cancelled)
 {
 	long ret;
@@ -138,9 +146,9 @@ static s32 vmsocket_wait(struct vmsocket_dev *vd, bool interruptible,
 	for (;;) {
 		if (vmsocket_settled(vd))
 			return vmsocket_status(vd);
-		if (READ_ONCE(vd->gone))
+		if (READ_ONCE(vd->gone) || mode == VMSOCKET_WAIT_NONBLOCK)
 			break;
-		if (interruptible)
+		if (mode == VMSOCKET_WAIT_INTERRUPTIBLE)
 			ret = wait_event_interruptible_timeout(vd->wq,
 							       vmsocket_wake_cond(vd),
 							       VMSOCKET_POLL_INTERVAL);
@@ -156,13 +164,13 @@ static s32 vmsocket_wait(struct vmsocket_dev *vd, bool interruptible,
 
 /* Start one action and wait for its result. Called with vd->lock held. */
 static s32 vmsocket_action(struct vmsocket_dev *vd, unsigned int reg, u32 val,
-			   bool interruptible, bool *cancelled)
+			   enum vmsocket_wait mode, bool *cancelled)
 {
 	if (reg == VMSOCKET_CONNECT || reg == VMSOCKET_CLOSE)
 		iowrite16(val, vd->regs + reg);
 	else
 		iowrite32(val, vd->regs + reg);
-	return vmsocket_wait(vd, interruptible, cancelled);
+	return vmsocket_wait(vd, mode, cancelled);
 }
 
 static int vmsocket_open(struct inode *inode, struct file *file)
@@ -189,7 +197,8 @@ static int vmsocket_open(struct inode *inode, struct file *file)
 		goto unlock;
 	}
 
-	st = vmsocket_action(vd, VMSOCKET_CONNECT, 1, true, &cancelled);
+	st = vmsocket_action(vd, VMSOCKET_CONNECT, 1,
+			     VMSOCKET_WAIT_INTERRUPTIBLE, &cancelled);
 	if (st < 0) {
 		ret = (cancelled && st == -EINTR) ? -ERESTARTSYS : st;
 		if (vd->gone)
@@ -215,7 +224,8 @@ static int vmsocket_release(struct inode *inode, struct file *file)
 
 	mutex_lock(&vd->lock);
 	if (!vd->gone && vd->busy) {
-		st = vmsocket_action(vd, VMSOCKET_CLOSE, 1, false, &cancelled);
+		st = vmsocket_action(vd, VMSOCKET_CLOSE, 1,
+				     VMSOCKET_WAIT_UNINTERRUPTIBLE, &cancelled);
 		if (st < 0 && st != -ENOTCONN)
 			dev_dbg(&vd->pdev->dev, "CLOSE: %d\n", st);
 	}
@@ -225,10 +235,32 @@ static int vmsocket_release(struct inode *inode, struct file *file)
 	return 0;
 }
 
+/*
+ * Take the device for one read() or write(). O_NONBLOCK callers do not
+ * wait for another caller's action, nor for their own.
+ */
+static int vmsocket_lock(struct vmsocket_dev *vd, struct file *file,
+			 enum vmsocket_wait *mode)
+{
+	if (file->f_flags & O_NONBLOCK) {
+		*mode = VMSOCKET_WAIT_NONBLOCK;
+		return mutex_trylock(&vd->lock) ? 0 : -EAGAIN;
+	}
+	*mode = VMSOCKET_WAIT_INTERRUPTIBLE;
+	return mutex_lock_interruptible(&vd->lock) ? -ERESTARTSYS : 0;
+}
+
+/* The errno for an action that was cancelled before it moved any byte. */
+static int vmsocket_cancelled_err(enum vmsocket_wait mode)
+{
+	return mode == VMSOCKET_WAIT_NONBLOCK ? -EAGAIN : -ERESTARTSYS;
+}
+
 static ssize_t vmsocket_read(struct file *file, char __user *buf, size_t count,
 			     loff_t *ppos)
 {
 	struct vmsocket_dev *vd = file->private_data;
+	enum vmsocket_wait mode;
 	bool cancelled;
 	size_t len;
 	ssize_t ret;
@@ -238,19 +270,20 @@ static ssize_t vmsocket_read(struct file *file, char __user *buf, size_t count,
 		return 0;
 	len = min_t(size_t, count, vd->chunk);
 
-	if (mutex_lock_interruptible(&vd->lock))
-		return -ERESTARTSYS;
+	ret = vmsocket_lock(vd, file, &mode);
+	if (ret)
+		return ret;
 	if (vd->gone) {
 		ret = -ENODEV;
 		goto out;
 	}
 
-	st = vmsocket_action(vd, VMSOCKET_READ, len, true, &cancelled);
+	st = vmsocket_action(vd, VMSOCKET_READ, len, mode, &cancelled);
 	if (st < 0) {
 		if (vd->gone)
 			ret = -ENODEV;
 		else if (cancelled && st == -EINTR)
-			ret = -ERESTARTSYS;
+			ret = vmsocket_cancelled_err(mode);
 		else
 			ret = st;
 		goto out;
@@ -276,16 +309,18 @@ static ssize_t vmsocket_write(struct file *file, const char __user *buf,
 			      size_t count, loff_t *ppos)
 {
 	struct vmsocket_dev *vd = file->private_data;
+	enum vmsocket_wait mode;
 	size_t done = 0;
 	bool cancelled;
-	ssize_t ret = 0;
+	ssize_t ret;
 	size_t len;
 	s32 st;
 
 	if (!count)
 		return 0;
-	if (mutex_lock_interruptible(&vd->lock))
-		return -ERESTARTSYS;
+	ret = vmsocket_lock(vd, file, &mode);
+	if (ret)
+		return ret;
 
 	while (done < count) {
 		if (vd->gone) {
@@ -304,7 +339,7 @@ static ssize_t vmsocket_write(struct file *file, const char __user *buf,
 		/* Make the buffer contents visible before the doorbell. */
 		wmb();
 
-		st = vmsocket_action(vd, VMSOCKET_WRITECOMMIT, len, true,
+		st = vmsocket_action(vd, VMSOCKET_WRITECOMMIT, len, mode,
 				     &cancelled);
 		if (st > (s32)len) {
 			dev_err_ratelimited(&vd->pdev->dev,
@@ -317,7 +352,7 @@ static ssize_t vmsocket_write(struct file *file, const char __user *buf,
 			if (vd->gone)
 				ret = -ENODEV;
 			else if (cancelled && st == -EINTR)
-				ret = -ERESTARTSYS;
+				ret = vmsocket_cancelled_err(mode);
 			else
 				ret = st;
 			break;
@@ -508,7 +543,8 @@ static void vmsocket_remove(struct pci_dev *pdev)
 
 	mutex_lock(&vd->lock);
 	if (vd->busy)
-		vmsocket_action(vd, VMSOCKET_CLOSE, 1, false, &cancelled);
+		vmsocket_action(vd, VMSOCKET_CLOSE, 1,
+				     VMSOCKET_WAIT_UNINTERRUPTIBLE, &cancelled);
 	iowrite32(0, vd->regs + VMSOCKET_IMR);
 	mutex_unlock(&vd->lock);
 
