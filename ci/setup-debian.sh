@@ -15,6 +15,8 @@ packages=(
     python3 python3-venv python3-pip
     # guests: ROMs QEMU needs at run time, busybox for the initramfs
     qemu-system-data seabios busybox-static cpio kmod dpkg-dev
+    # the distribution's own QEMU: the stock comparator in the boot tests
+    qemu-system-x86
     # containers: podman serves the Docker API; runc (crun fails in this
     # sandbox); debootstrap makes base images when no registry is reachable
     podman runc debootstrap uidmap fuse-overlayfs

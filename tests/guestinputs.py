@@ -1,35 +1,70 @@
-"""Inputs of the real boot tests: the patched QEMU, the guest module and
-test program (paths from QEMUPATCH_QEMU, QEMUPATCH_VMSOCKET_KO,
-QEMUPATCH_VMSOCKET_TEST; QEMUPATCH_KERNEL_DEB avoids a download)."""
+"""Inputs of the real boot tests: the patched QEMU, the guest module and the
+test program.
+
+They are built for real, once per test session, by the same stages the
+pipeline uses (the series applied on its base, compiled in a container), into
+``<cache>/test-artifacts/<series digest>``.  QEMUPATCH_QEMU,
+QEMUPATCH_VMSOCKET_KO and QEMUPATCH_VMSOCKET_TEST point at ready ones
+instead (e.g. a maintainer's own build); QEMUPATCH_KERNEL_DEB avoids a
+download.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 from pathlib import Path
-
-import pytest
 
 from qemupatch.guest import GuestImage
 
+REPO = Path(__file__).resolve().parents[1]
 
-def real_inputs():
-    if not os.environ.get("QEMUPATCH_QEMU"):
-        pytest.skip("set QEMUPATCH_QEMU to the patched qemu-system-x86_64")
-    qemu = Path(os.environ["QEMUPATCH_QEMU"])
-    module = Path(os.environ.get("QEMUPATCH_VMSOCKET_KO",
-                                 Path(__file__).parents[1] / "guest/kvm_vmsocket/kvm_vmsocket.ko"))
-    prog = Path(os.environ.get("QEMUPATCH_VMSOCKET_TEST",
-                               Path(__file__).parents[1] / "guest/vmsocket-test"))
-    missing = [str(p) for p in (qemu, module, prog) if not p.exists()]
-    if missing:
-        pytest.skip(f"real boot needs {', '.join(missing)}")
+
+@functools.cache
+def _built() -> tuple[Path, Path, Path]:
+    from qemupatch import build, config, workflow
+    from qemupatch.series import read_series
+
+    cfg = config.load(REPO)
+    digest = read_series(cfg.patches_dir).digest()[:12]
+    out = cfg.cache_dir / "test-artifacts" / digest
+    qemu = out / "qemu" / "qemu-system-x86_64"
+    if not qemu.exists():
+        rel, wt, _ = workflow.build_source(cfg)
+        qemu = build.build_qemu(wt.path, out / "qemu", release=rel.name,
+                                repacked=rel.provenance.repacked,
+                                patches=cfg.patches_dir).binary
+    kernel = cfg.kernels[0]
+    module = build.build_module(REPO / "guest" / "kvm_vmsocket", kernel,
+                                out / f"module-{kernel.name}", patches=cfg.patches_dir)
+    prog = build.build_guest_program(REPO / "guest" / "vmsocket-test.c", out / "program")
     return qemu, module, prog
+
+
+def real_inputs() -> tuple[Path, Path, Path]:
+    """(qemu, kvm_vmsocket.ko, vmsocket-test), from the environment or built."""
+    env = [os.environ.get(k) for k in
+           ("QEMUPATCH_QEMU", "QEMUPATCH_VMSOCKET_KO", "QEMUPATCH_VMSOCKET_TEST")]
+    if all(env):
+        paths = tuple(Path(p) for p in env)
+        missing = [str(p) for p in paths if not p.exists()]
+        assert not missing, f"QEMUPATCH_* name files that do not exist: {missing}"
+        return paths  # type: ignore[return-value]
+    return _built()
+
+
+def stock_qemu() -> Path:
+    """Debian's own qemu-system-x86_64 (ci/setup-debian.sh installs it)."""
+    qemu = shutil.which("qemu-system-x86_64")
+    assert qemu, "no qemu-system-x86_64 on PATH: run ci/setup-debian.sh"
+    return Path(qemu)
 
 
 def real_image(module: Path | None, prog: Path | None) -> GuestImage:
     from qemupatch import config, guest
 
-    cfg = config.load(Path(__file__).parents[1])
+    cfg = config.load(REPO)
     deb = os.environ.get("QEMUPATCH_KERNEL_DEB")
     return guest.make_guest_image(cfg, vmsocket_module=module, test_program=prog,
                                   kernel_deb=Path(deb) if deb else None)

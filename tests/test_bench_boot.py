@@ -3,13 +3,12 @@ timed assertions.  Run: pytest -m benchmark -s tests/test_bench_boot.py"""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 from qemupatch.boottest import bench_table, format_bench_table, run_boot_test
-from guestinputs import real_image, real_inputs
+from guestinputs import real_image, real_inputs, stock_qemu
 
 
 @pytest.mark.benchmark
@@ -33,9 +32,7 @@ def test_bench_vmsocket_vs_virtio_serial(tmp_path):
 @pytest.mark.timeout(900)
 def test_bench_virtio_serial_on_stock_qemu(tmp_path):
     """The comparator alone, on the distribution's QEMU (no vmsocket)."""
-    qemu = shutil.which("qemu-system-x86_64")
-    if not qemu:
-        pytest.skip("no qemu-system-x86_64 on PATH")
+    qemu = stock_qemu()
     img = real_image(None, Path(_prog()))
     result = run_boot_test(Path(qemu), img, tmp_path / "out", bench=True, vmsocket=False,
                            progress=None)
@@ -46,7 +43,4 @@ def test_bench_virtio_serial_on_stock_qemu(tmp_path):
 
 
 def _prog() -> Path:
-    prog = Path(__file__).parents[1] / "guest" / "vmsocket-test"
-    if not prog.exists():
-        pytest.skip(f"needs {prog}")
-    return prog
+    return real_inputs()[2]

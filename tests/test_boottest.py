@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -23,7 +22,7 @@ from qemupatch.boottest import (BenchRow, Deadlines, bench_table, format_bench_t
 from qemupatch.errors import (BootDeadline, GuestCrash, GuestTestFailed,
                               QemuStartError)
 from qemupatch.guest import GuestImage
-from guestinputs import real_image, real_inputs
+from guestinputs import real_image, real_inputs, stock_qemu
 
 FAKE = Path(__file__).parent / "fakeqemu" / "qemu-system-x86_64"
 FAST = Deadlines(qemu_start=10, kernel_boot=10, tests=10, shutdown=5, idle=10)
@@ -267,9 +266,7 @@ def test_real_boot_patched_qemu(tmp_path, spelling):
 @pytest.mark.real
 @pytest.mark.timeout(600)
 def test_real_boot_stock_qemu_without_vmsocket(tmp_path):
-    qemu = shutil.which("qemu-system-x86_64")
-    if not qemu:
-        pytest.skip("no qemu-system-x86_64 on PATH")
+    qemu = stock_qemu()
     img = real_image(None, None)
     result = run_boot_test(Path(qemu), img, tmp_path / "out", vmsocket=False,
                            progress=None)
