@@ -25,6 +25,7 @@
 #include <linux/module.h>
 #include <linux/mutex.h>
 #include <linux/pci.h>
+#include <linux/poll.h>
 #include <linux/sched/signal.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
@@ -81,6 +82,17 @@ struct vmsocket_dev {
 	struct mutex lock;		/* serialises actions and the state below */
 	bool busy;			/* opened (connected) */
 	bool gone;			/* remove() has started; no more hardware access */
+	/*
+	 * Receive state. A READ is always for a whole chunk; what read()
+	 * has not taken yet stays in the input buffer (BAR1) at rx_off.
+	 * poll() and O_NONBLOCK reads leave a READ pending (rx_pending);
+	 * any other action first cancels it (that consumes nothing).
+	 */
+	bool rx_pending;
+	bool rx_eof;
+	int rx_err;
+	u32 rx_off;
+	u32 rx_avail;
 };
 
 /* How a caller waits for its action to complete. */
@@ -173,6 +185,58 @@ static s32 vmsocket_action(struct vmsocket_dev *vd, unsigned int reg, u32 val,
 	return vmsocket_wait(vd, mode, cancelled);
 }
 
+static bool vmsocket_rx_ready(struct vmsocket_dev *vd)
+{
+	return vd->rx_avail || vd->rx_eof || vd->rx_err;
+}
+
+static void vmsocket_rx_reset(struct vmsocket_dev *vd)
+{
+	vd->rx_pending = false;
+	vd->rx_eof = false;
+	vd->rx_err = 0;
+	vd->rx_off = 0;
+	vd->rx_avail = 0;
+}
+
+/* Record the result of the READ that was pending. Called with vd->lock. */
+static void vmsocket_rx_collect(struct vmsocket_dev *vd, s32 st)
+{
+	vd->rx_pending = false;
+	if (st > 0 && st <= vd->chunk) {
+		vd->rx_off = 0;
+		vd->rx_avail = st;
+	} else if (st == 0) {
+		vd->rx_eof = true;
+	} else if (st > 0) {
+		dev_err_ratelimited(&vd->pdev->dev, "READ %u returned %d\n",
+				    vd->chunk, st);
+		vd->rx_err = -EIO;
+	} else if (st != -EINTR) {
+		vd->rx_err = st;
+	}
+}
+
+/* Start a READ of a whole chunk without waiting. Called with vd->lock. */
+static void vmsocket_rx_start(struct vmsocket_dev *vd)
+{
+	iowrite32(vd->chunk, vd->regs + VMSOCKET_READ);
+	vd->rx_pending = true;
+	if (vmsocket_settled(vd))
+		vmsocket_rx_collect(vd, vmsocket_status(vd));
+}
+
+/* Before another action: end a pending READ, keeping what it received. */
+static void vmsocket_rx_settle(struct vmsocket_dev *vd)
+{
+	if (!vd->rx_pending)
+		return;
+	if (vmsocket_settled(vd))
+		vmsocket_rx_collect(vd, vmsocket_status(vd));
+	else
+		vmsocket_rx_collect(vd, vmsocket_cancel(vd));
+}
+
 static int vmsocket_open(struct inode *inode, struct file *file)
 {
 	struct miscdevice *misc = file->private_data;
@@ -206,6 +270,7 @@ static int vmsocket_open(struct inode *inode, struct file *file)
 		goto unlock;
 	}
 	vd->busy = true;
+	vmsocket_rx_reset(vd);
 	mutex_unlock(&vd->lock);
 	return stream_open(inode, file);
 
@@ -224,12 +289,14 @@ static int vmsocket_release(struct inode *inode, struct file *file)
 
 	mutex_lock(&vd->lock);
 	if (!vd->gone && vd->busy) {
+		vmsocket_rx_settle(vd);
 		st = vmsocket_action(vd, VMSOCKET_CLOSE, 1,
 				     VMSOCKET_WAIT_UNINTERRUPTIBLE, &cancelled);
 		if (st < 0 && st != -ENOTCONN)
 			dev_dbg(&vd->pdev->dev, "CLOSE: %d\n", st);
 	}
 	vd->busy = false;
+	vmsocket_rx_reset(vd);
 	mutex_unlock(&vd->lock);
 	kref_put(&vd->kref, vmsocket_free);
 	return 0;
@@ -262,14 +329,12 @@ static ssize_t vmsocket_read(struct file *file, char __user *buf, size_t count,
 	struct vmsocket_dev *vd = file->private_data;
 	enum vmsocket_wait mode;
 	bool cancelled;
-	size_t len;
 	ssize_t ret;
+	size_t len;
 	s32 st;
 
 	if (!count)
 		return 0;
-	len = min_t(size_t, count, vd->chunk);
-
 	ret = vmsocket_lock(vd, file, &mode);
 	if (ret)
 		return ret;
@@ -278,28 +343,46 @@ static ssize_t vmsocket_read(struct file *file, char __user *buf, size_t count,
 		goto out;
 	}
 
-	st = vmsocket_action(vd, VMSOCKET_READ, len, mode, &cancelled);
-	if (st < 0) {
-		if (vd->gone)
-			ret = -ENODEV;
-		else if (cancelled && st == -EINTR)
-			ret = vmsocket_cancelled_err(mode);
-		else
-			ret = st;
-		goto out;
+	if (!vmsocket_rx_ready(vd)) {
+		if (!vd->rx_pending)
+			vmsocket_rx_start(vd);
+		if (vd->rx_pending) {
+			if (mode == VMSOCKET_WAIT_NONBLOCK) {
+				/* leave the READ pending for poll() */
+				ret = -EAGAIN;
+				goto out;
+			}
+			st = vmsocket_wait(vd, mode, &cancelled);
+			vmsocket_rx_collect(vd, st);
+			if (vd->gone) {
+				ret = -ENODEV;
+				goto out;
+			}
+			/* A READ cancelled after data arrived keeps that data. */
+			if (!vmsocket_rx_ready(vd)) {
+				ret = cancelled && st == -EINTR ? -ERESTARTSYS : -EIO;
+				goto out;
+			}
+		}
 	}
-	if ((size_t)st > len) {
-		dev_err_ratelimited(&vd->pdev->dev,
-				    "READ %zu returned %d bytes\n", len, st);
-		ret = -EIO;
-		goto out;
+
+	if (vd->rx_avail) {
+		len = min_t(size_t, count, vd->rx_avail);
+		memcpy_fromio(vd->bounce, vd->inbuf + vd->rx_off, len);
+		if (copy_to_user(buf, vd->bounce, len)) {
+			ret = -EFAULT;
+			goto out;
+		}
+		vd->rx_off += len;
+		vd->rx_avail -= len;
+		ret = len;
+	} else if (vd->rx_eof) {
+		vd->rx_eof = false;
+		ret = 0;
+	} else {
+		ret = vd->rx_err;
+		vd->rx_err = 0;
 	}
-	/* A READ cancelled after data arrived still returns that data. */
-	memcpy_fromio(vd->bounce, vd->inbuf, st);
-	if (copy_to_user(buf, vd->bounce, st))
-		ret = -EFAULT;
-	else
-		ret = st;
 out:
 	mutex_unlock(&vd->lock);
 	return ret;
@@ -321,6 +404,8 @@ static ssize_t vmsocket_write(struct file *file, const char __user *buf,
 	ret = vmsocket_lock(vd, file, &mode);
 	if (ret)
 		return ret;
+	if (!vd->gone)
+		vmsocket_rx_settle(vd);
 
 	while (done < count) {
 		if (vd->gone) {
@@ -367,12 +452,41 @@ static ssize_t vmsocket_write(struct file *file, const char __user *buf,
 	return done ? done : ret;
 }
 
+/*
+ * Readable means: data, end of file or an error is waiting for read().
+ * To find out, poll() starts a READ and leaves it pending; the DONE
+ * interrupt wakes the poller. Writable always: a write() can start at once.
+ */
+static __poll_t vmsocket_poll(struct file *file, poll_table *wait)
+{
+	struct vmsocket_dev *vd = file->private_data;
+	__poll_t mask = EPOLLOUT | EPOLLWRNORM;
+
+	poll_wait(file, &vd->wq, wait);
+	if (READ_ONCE(vd->gone))
+		return EPOLLERR | EPOLLHUP;
+	/* Another action in progress: its completion will wake us. */
+	if (!mutex_trylock(&vd->lock))
+		return mask;
+	if (!vd->gone) {
+		if (vd->rx_pending && vmsocket_settled(vd))
+			vmsocket_rx_collect(vd, vmsocket_status(vd));
+		if (!vmsocket_rx_ready(vd) && !vd->rx_pending)
+			vmsocket_rx_start(vd);
+		if (vmsocket_rx_ready(vd))
+			mask |= EPOLLIN | EPOLLRDNORM;
+	}
+	mutex_unlock(&vd->lock);
+	return mask;
+}
+
 static const struct file_operations vmsocket_fops = {
 	.owner		= THIS_MODULE,
 	.open		= vmsocket_open,
 	.release	= vmsocket_release,
 	.read		= vmsocket_read,
 	.write		= vmsocket_write,
+	.poll		= vmsocket_poll,
 };
 
 static irqreturn_t vmsocket_irq(int irq, void *data)
@@ -542,9 +656,11 @@ static void vmsocket_remove(struct pci_dev *pdev)
 	misc_deregister(&vd->misc);
 
 	mutex_lock(&vd->lock);
-	if (vd->busy)
+	if (vd->busy) {
+		vmsocket_rx_settle(vd);
 		vmsocket_action(vd, VMSOCKET_CLOSE, 1,
-				     VMSOCKET_WAIT_UNINTERRUPTIBLE, &cancelled);
+				VMSOCKET_WAIT_UNINTERRUPTIBLE, &cancelled);
+	}
 	iowrite32(0, vd->regs + VMSOCKET_IMR);
 	mutex_unlock(&vd->lock);
 
