@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qemupatch.config import Config, GuestKernel
+from qemupatch.debian import Apt
 from qemupatch.errors import CommandFailed, CommandTimeout, GuestImageError
 from qemupatch.run import run
 
@@ -105,7 +106,7 @@ class GuestImage:
 
 
 def _download(package: str, dest: Path, *, deb: Path | None, timeout: float,
-              apt_options: tuple[str, ...] = ()) -> Path:
+              apt: Apt | None = None) -> Path:
     """The .deb of exactly ``package`` in ``dest``: copied from ``deb`` if
     given, reused if already there, else fetched with apt-get download."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -120,7 +121,7 @@ def _download(package: str, dest: Path, *, deb: Path | None, timeout: float,
     if have:
         return have[-1]
     try:
-        run(["apt-get", *apt_options, "download", package], cwd=dest, timeout=timeout)
+        (apt or Apt(None)).run("download", package, cwd=dest, timeout=timeout)
     except (CommandFailed, CommandTimeout) as exc:
         raise GuestImageError(
             f"could not download Debian package {package} into {dest}: {exc}") from exc
@@ -150,65 +151,12 @@ def _unpack(deb: Path, root: Path, *, timeout: float = 300) -> Path:
     return root
 
 
-def host_suite() -> str | None:
-    try:
-        text = Path("/etc/os-release").read_text()
-    except OSError:
-        return None
-    m = re.search(r"^VERSION_CODENAME=(\S+)$", text, re.M)
-    return m.group(1) if m else None
-
-
-def _debian_uri() -> str:
-    """The Debian archive URI this machine's own apt configuration uses."""
-    sources = sorted(Path("/etc/apt/sources.list.d").glob("*.sources"))
-    for path in sources:
-        for m in re.finditer(r"^URIs:\s*(\S+)", path.read_text(), re.M):
-            if "security" not in m.group(1):
-                return m.group(1)
-    listf = Path("/etc/apt/sources.list")
-    if listf.is_file():
-        for m in re.finditer(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)", listf.read_text(), re.M):
-            if "security" not in m.group(1):
-                return m.group(1)
-    raise GuestImageError("no Debian archive URI in this machine's apt configuration")
-
-
-def apt_options_for_suite(suite: str, cache_dir: Path, *, timeout: float = 600) -> tuple[str, ...]:
-    """apt-get options that reach ``suite`` (empty for the host's own suite).
-
-    Another suite (trixie's kernels on a bookworm host) gets a private apt
-    state under the cache, pointed at the archive the host already uses.
-    """
-    if suite == host_suite():
-        return ()
-    base = cache_dir / "apt" / suite
-    (base / "lists" / "partial").mkdir(parents=True, exist_ok=True)
-    (base / "archives" / "partial").mkdir(parents=True, exist_ok=True)
-    sources = base / "sources.list"
-    sources.write_text(f"deb {_debian_uri()} {suite} main\n")
-    opts = (
-        "-o", f"Dir::Etc::SourceList={sources}",
-        "-o", "Dir::Etc::SourceParts=-",
-        "-o", f"Dir::State::Lists={base / 'lists'}",
-        "-o", f"Dir::Cache::Archives={base / 'archives'}",
-        "-o", f"Dir::Cache::pkgcache={base / 'pkgcache.bin'}",
-        "-o", f"Dir::Cache::srcpkgcache={base / 'srcpkgcache.bin'}",
-    )
-    if not any((base / "lists").glob("*Packages*")):
-        try:
-            run(["apt-get", *opts, "update"], timeout=timeout)
-        except (CommandFailed, CommandTimeout) as exc:
-            raise GuestImageError(f"apt-get update for suite {suite} failed: {exc}") from exc
-    return opts
-
-
 def fetch_kernel(kernel: GuestKernel, cache_dir: Path, *, deb: Path | None = None,
                  timeout: float = 900) -> KernelFiles:
     """Download (or reuse) and unpack ``kernel.image_package``."""
     base = cache_dir / "kernels" / kernel.name
-    opts = () if deb else apt_options_for_suite(kernel.suite, cache_dir)
-    debfile = _download(kernel.image_package, base, deb=deb, timeout=timeout, apt_options=opts)
+    apt = None if deb else Apt.binaries(cache_dir, kernel.suite)
+    debfile = _download(kernel.image_package, base, deb=deb, timeout=timeout, apt=apt)
     root = _unpack(debfile, base / "root")
     # bookworm ships /lib/modules, trixie (merged /usr) /usr/lib/modules
     mods = sorted([*(root / "lib" / "modules").glob("*/kernel"),

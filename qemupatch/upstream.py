@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from qemupatch.config import Config
+from qemupatch.debian import Apt
 from qemupatch.errors import (
     ChecksumMismatch,
     CommandFailed,
@@ -38,7 +39,6 @@ from qemupatch.run import git, run
 TAG_PREFIX = "upstream/"
 FIXED_DATE = "2000-01-01T00:00:00+0000"
 DEBIAN_SUITES = ("bookworm", "bookworm-backports", "trixie", "sid")
-APT_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
 
 
 @dataclass(frozen=True)
@@ -212,63 +212,20 @@ def download(url: str, dest: Path, timeout: float = 600) -> Path:
     return dest
 
 
-def machine_debian_mirrors() -> list[str]:
-    """The Debian archive URIs this machine's apt is configured with."""
-    uris: list[str] = []
-    files = [APT_SOURCES[0]] + sorted(APT_SOURCES[1].glob("*")) if APT_SOURCES[1].is_dir() \
-        else [APT_SOURCES[0]]
-    for path in files:
-        if not path.is_file():
-            continue
-        text = path.read_text(errors="replace")
-        if path.suffix == ".sources":
-            for line in text.splitlines():
-                if line.startswith("URIs:"):
-                    uris += line.split()[1:]
-        else:
-            for line in text.splitlines():
-                words = line.split()
-                if words[:1] == ["deb"]:
-                    uris += [w for w in words[1:] if "://" in w][:1]
-    # debian-security carries no source for qemu; keep the main archive.
-    return [u for u in dict.fromkeys(uris) if "security" not in u]
-
-
 def fetch_debian_orig(version: str, cache: Path, suites=DEBIAN_SUITES,
                       timeout: float = 900) -> Path:
-    """Download the ``.orig`` tarball of Debian's ``qemu`` ``version``.
+    """Download the ``.orig`` tarball of Debian's ``qemu`` ``version``,
+    checked against the sha256 in Debian's index.
 
-    Uses a private apt state in ``cache`` (nothing on the machine changes),
-    with deb-src lines derived from the machine's own configured mirrors.
+    apt (with a private state, see debian.py) only says where the file is:
+    some versions (10.0.2 in bookworm-backports) serve the .orig alone, and
+    ``apt-get source`` would fail on their missing .dsc.
     """
-    mirrors = machine_debian_mirrors()
-    if not mirrors:
-        raise DownloadError("no Debian mirror in this machine's apt configuration "
-                            f"({APT_SOURCES[0]}, {APT_SOURCES[1]}/*)")
-    apt_dir = cache / "apt"
-    for sub in ("lists/partial", "archives/partial", "etc"):
-        (apt_dir / sub).mkdir(parents=True, exist_ok=True)
-    sources = apt_dir / "etc" / "sources.list"
-    sources.write_text("".join(f"deb-src {m} {s} main\n" for m in mirrors for s in suites))
-    opts = [
-        "-o", f"Dir::Etc::SourceList={sources}",
-        "-o", "Dir::Etc::SourceParts=/dev/null",
-        "-o", f"Dir::State::Lists={apt_dir / 'lists'}",
-        "-o", f"Dir::Cache::Archives={apt_dir / 'archives'}",
-        "-o", "APT::Sandbox::User=root",
-        "-q",
-    ]
-    dest = cache / "downloads" / "debian"
-    dest.mkdir(parents=True, exist_ok=True)
-    uris = ["apt-get", *opts, "source", "--print-uris", f"qemu={version}"]
+    apt = Apt.sources(cache, suites)
     try:
-        listing = run(uris, timeout=timeout, check=False)
-        if listing.returncode != 0:
-            run(["apt-get", *opts, "update"], timeout=timeout)
-            listing = run(uris, timeout=timeout)
+        listing = apt.run("source", "--print-uris", f"qemu={version}", timeout=timeout)
     except CommandFailed as exc:
         raise DownloadError(f"Debian source qemu={version} is not in the archive: {exc}") from exc
-    # Only the .orig tarball matters (and for some versions only it is served).
     for line in listing.stdout.splitlines():
         m = re.fullmatch(r"'(\S+)' (qemu_[^ ]+\.orig\.tar\.\w+) \d+ SHA256:([0-9a-f]{64})", line)
         if m:
@@ -277,6 +234,8 @@ def fetch_debian_orig(version: str, cache: Path, suites=DEBIAN_SUITES,
     else:
         raise DownloadError(f"Debian source qemu={version} lists no .orig tarball:\n"
                             f"{listing.output.strip()}")
+    dest = cache / "downloads" / "debian"
+    dest.mkdir(parents=True, exist_ok=True)
     path = dest / name
     if not path.exists() or sha256_file(path) != expected:
         download(url, path, timeout=timeout)

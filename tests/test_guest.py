@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qemupatch import guest
+from qemupatch import debian, guest
 from qemupatch.errors import GuestImageError
 from qemupatch.guest import Cpio, KernelFiles, build_image, init_script
 
@@ -152,7 +152,7 @@ def test_dynamic_test_program_is_refused(kernel, tmp_path):
 def test_unknown_kernel_deb_path(tmp_path):
     from qemupatch.config import GuestKernel
 
-    k = GuestKernel("x", guest.host_suite() or "bookworm", "linux-image-x")
+    k = GuestKernel("x", debian.host_suite() or "bookworm", "linux-image-x")
     with pytest.raises(GuestImageError, match="no such package file"):
         guest.fetch_kernel(k, tmp_path, deb=tmp_path / "missing.deb")
 

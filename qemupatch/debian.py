@@ -1,0 +1,132 @@
+"""The Debian archive edge: this machine's configured mirror, and private apt
+states that reach other suites or source packages without changing anything
+on the machine.
+
+Three stages need Debian: upstream (QEMU's source packages), guest (kernel
+packages of bookworm and trixie) and build (debootstrap of base images). All
+of them take the mirror from here, so no archive host is ever written into
+the project.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from qemupatch.errors import CommandFailed, DownloadError
+from qemupatch.run import Completed, run
+
+
+@dataclass(frozen=True)
+class Mirrors:
+    main: str
+    security: str | None = None
+
+
+def machine_mirrors(root: Path = Path("/")) -> Mirrors:
+    """The Debian mirror (and security mirror) this machine's apt uses.
+
+    ``QEMUPATCH_DEBIAN_MIRROR`` overrides; otherwise the first ``deb`` URI
+    in ``/etc/apt/sources.list.d/*.sources`` (deb822) or the one-line lists.
+    """
+    if env := os.environ.get("QEMUPATCH_DEBIAN_MIRROR"):
+        return Mirrors(env, os.environ.get("QEMUPATCH_DEBIAN_SECURITY_MIRROR"))
+    entries: list[tuple[str, str]] = []  # (uri, suite)
+    apt = root / "etc/apt"
+    for path in sorted((apt / "sources.list.d").glob("*.sources")):
+        for stanza in re.split(r"\n\s*\n", path.read_text(errors="replace")):
+            fields: dict[str, str] = {}
+            for line in stanza.splitlines():
+                if line.startswith("#") or ":" not in line:
+                    continue
+                key, _, value = line.partition(":")
+                fields[key.strip().lower()] = value.strip()
+            if "deb" not in fields.get("types", "").split():
+                continue
+            if fields.get("enabled", "yes").lower() == "no":
+                continue
+            for uri in fields.get("uris", "").split():
+                for suite in fields.get("suites", "").split():
+                    entries.append((uri, suite))
+    for path in [apt / "sources.list", *sorted((apt / "sources.list.d").glob("*.list"))]:
+        if not path.is_file():
+            continue
+        for line in path.read_text(errors="replace").splitlines():
+            words = re.sub(r"\[[^]]*\]", "", line.split("#")[0]).split()
+            if len(words) >= 3 and words[0] == "deb":
+                entries.append((words[1], words[2]))
+    main = [u for u, s in entries if "security" not in s and "security" not in u]
+    security = [u for u, s in entries if "security" in s or "security" in u]
+    if not main:
+        raise DownloadError(f"no Debian mirror in {apt}/sources.list(.d); "
+                            "set QEMUPATCH_DEBIAN_MIRROR=<mirror URL>")
+    return Mirrors(main[0].rstrip("/"), security[0].rstrip("/") if security else None)
+
+
+def host_suite() -> str | None:
+    try:
+        text = Path("/etc/os-release").read_text()
+    except OSError:
+        return None
+    m = re.search(r"^VERSION_CODENAME=(\S+)$", text, re.M)
+    return m.group(1) if m else None
+
+
+class Apt:
+    """apt-get with a private state (its own sources, lists and archives),
+    or with the machine's own configuration when ``state_dir`` is None."""
+
+    def __init__(self, state_dir: Path | None, lines: list[str] = ()):
+        self.state_dir = state_dir
+        self.lines = list(lines)
+
+    @classmethod
+    def sources(cls, cache_dir: Path, suites: tuple[str, ...]) -> "Apt":
+        """Reaches the source packages of ``suites`` on the machine's mirror."""
+        mirror = machine_mirrors().main
+        return cls(cache_dir / "apt" / "sources",
+                   [f"deb-src {mirror} {suite} main" for suite in suites])
+
+    @classmethod
+    def binaries(cls, cache_dir: Path, suite: str) -> "Apt":
+        """Reaches the binary packages of ``suite`` (the machine's own apt
+        when it is the machine's suite)."""
+        if suite == host_suite():
+            return cls(None)
+        return cls(cache_dir / "apt" / suite, [f"deb {machine_mirrors().main} {suite} main"])
+
+    def options(self) -> tuple[str, ...]:
+        if self.state_dir is None:
+            return ()
+        base = self.state_dir
+        for sub in ("lists/partial", "archives/partial"):
+            (base / sub).mkdir(parents=True, exist_ok=True)
+        sources = base / "sources.list"
+        sources.write_text("".join(line + "\n" for line in self.lines))
+        return (
+            "-o", f"Dir::Etc::SourceList={sources}",
+            "-o", "Dir::Etc::SourceParts=/dev/null",
+            "-o", f"Dir::State::Lists={base / 'lists'}",
+            "-o", f"Dir::Cache::Archives={base / 'archives'}",
+            "-o", f"Dir::Cache::pkgcache={base / 'pkgcache.bin'}",
+            "-o", f"Dir::Cache::srcpkgcache={base / 'srcpkgcache.bin'}",
+            "-o", "APT::Sandbox::User=root",
+            "-q",
+        )
+
+    def run(self, *args: str, cwd: Path | None = None, timeout: float = 900) -> Completed:
+        """``apt-get ARGS``; a private state is updated first when it has no
+        lists yet, and once more if the command fails (lists go stale)."""
+        opts = self.options()
+        if self.state_dir is not None and not any((self.state_dir / "lists").glob("*_*")):
+            self.update(timeout)
+        try:
+            return run(["apt-get", *opts, *args], cwd=cwd, timeout=timeout)
+        except CommandFailed:
+            self.update(timeout)
+            return run(["apt-get", *opts, *args], cwd=cwd, timeout=timeout)
+
+    def update(self, timeout: float = 900) -> None:
+        run(["apt-get", *self.options(), "update"], timeout=timeout)
