@@ -233,7 +233,7 @@ class Rebase:
             patch = patches[i]
             state.in_progress = {"index": i, "head": wt.head()}
             self.save(state)
-            outcome, stopped = self._apply_one(state, wt, i, patch)
+            outcome, stopped = self._apply_one(state, wt, i, patch, len(patches))
             if stopped:
                 state.in_progress = None
                 state.stopped = {"index": i, "name": patch.name,
@@ -250,8 +250,8 @@ class Rebase:
         shutil.rmtree(self.state_dir)
         return rep
 
-    def _apply_one(self, state: RebaseState, wt: WorkTree, i: int,
-                   patch: Patch) -> tuple[dict, bool]:
+    def _apply_one(self, state: RebaseState, wt: WorkTree, i: int, patch: Patch,
+                   total: int) -> tuple[dict, bool]:
         start = time.monotonic()
         path = self.snapshot_dir / patch.name
         head = wt.head()
@@ -262,7 +262,7 @@ class Rebase:
             return {**base, "outcome": outcome, "detail": detail,
                     "seconds": round(time.monotonic() - start, 3), **extra}
 
-        self.progress(f"[{i + 1}/{len(self._series().patches)}] {patch.subject}")
+        self.progress(f"[{i + 1}/{total}] {patch.subject}")
         if patch.name in state.skip_names:
             return done(rpt.SKIPPED, "skipped by request (--skip-patch)"), False
         if wt.applies(patch.text, reverse=True):

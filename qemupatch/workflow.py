@@ -120,6 +120,10 @@ def check(cfg: Config, base: str | None = None, checkpatch: bool = False) -> lis
         results.append(CheckResult("whitespace", p.name, ws.returncode == 0, ws.output.strip()))
     # 3. the exported series is what is in patches/, and survives a round trip.
     first = export_series(wt, rel.name, rel.commit, series)
+    results.append(CheckResult(
+        "normalized", None, len(first.patches) == len(series.patches),
+        f"{len(series.patches)} patches applied as {len(first.patches)} commits "
+        "(an empty patch?)"))
     for old, new in zip(series.patches, first.patches):
         results.append(CheckResult(
             "normalized", old.name, old.text == new.text and old.name == new.name,
