@@ -163,10 +163,10 @@ def run_pipeline(cfg: Config, out_dir: Path, *, release: str | None = None,
 def summary(result: PipelineResult) -> str:
     lines = [f"pipeline on {result.release} (guest kernel {result.kernel}): "
              f"{'PASS' if result.ok else 'FAIL'}",
-             f"{'stage':<14}{'result':<8}{'seconds':>9}  figures"]
+             f"{'stage':<17}{'result':<8}{'seconds':>9}  figures"]
     for s in result.stages:
         figures = ", ".join(f"{k}={v}" for k, v in s.figures.items())
-        lines.append(f"{s.name:<14}{'ok' if s.ok else 'FAIL':<8}{s.seconds:9.1f}  {figures}")
+        lines.append(f"{s.name:<17}{'ok' if s.ok else 'FAIL':<8}{s.seconds:9.1f}  {figures}")
     lines.append(f"results: {result.out_dir / 'pipeline.json'}, "
                  f"{result.out_dir / 'pipeline.junit.xml'}")
     return "\n".join(lines)
