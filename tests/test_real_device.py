@@ -1,0 +1,95 @@
+"""The vmsocket device's command-line and QMP surface, on the patched QEMU
+built from patches/ (the guest-side behaviour is in test_boottest.py)."""
+
+import asyncio
+import subprocess
+
+import pytest
+from qemu.qmp import QMPClient
+
+from guestinputs import real_inputs
+
+pytestmark = pytest.mark.real
+
+ROMS = ["-L", "/usr/share/qemu", "-L", "/usr/share/seabios"]
+
+
+def qemu(*args, timeout=60):
+    return subprocess.run([str(real_inputs()[0]), *ROMS, *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_vmsocket_help_explains_the_syntax():
+    res = qemu("-vmsocket", "help")
+    assert res.returncode == 0
+    assert "unix:" in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("spec", ["tcp:127.0.0.1:5", "unix:", "unix:/" + "x" * 200, "garbage"])
+def test_bad_spec_is_a_startup_error_naming_it(spec):
+    res = qemu("-machine", "none", "-display", "none", "-vmsocket", spec)
+    assert res.returncode != 0
+    shown = spec if len(spec) < 60 else "too long"
+    assert shown in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("props,needle", [("bufsize=5000,path=/tmp/x", "bufsize"),
+                                          ("bufsize=4096", "path")])
+def test_bad_device_properties(props, needle):
+    res = qemu("-machine", "q35", "-accel", "tcg", "-display", "none", "-S", "-nodefaults",
+               "-device", f"vmsocket,{props}")
+    assert res.returncode != 0 and needle in res.stderr, res.stderr
+
+
+async def _pci_vmsockets(qmp: QMPClient) -> list[dict]:
+    buses = await qmp.execute("query-pci")
+    found = []
+    for bus in buses:
+        for dev in bus["devices"]:
+            ident = dev["id"]
+            if (ident["vendor"], ident["device"]) == (0x1AF4, 0x10F0):
+                found.append(dev)
+    return found
+
+
+def test_option_readconfig_and_qmp_hotplug(tmp_path):
+    """Every way in makes the same device: -vmsocket, -readconfig [device],
+    and QMP device_add / device_del while the machine runs."""
+    conf = tmp_path / "vm.cfg"
+    conf.write_text(f'[device "fromconfig"]\n  driver = "vmsocket"\n'
+                    f'  path = "{tmp_path}/b.sock"\n')
+    qmp_path = tmp_path / "qmp.sock"
+    proc = subprocess.Popen(
+        [str(real_inputs()[0]), *ROMS, "-machine", "pc", "-accel", "tcg", "-display", "none",
+         "-nodefaults", "-S", "-qmp", f"unix:{qmp_path},server=on,wait=off",
+         "-vmsocket", f"unix:{tmp_path}/a.sock", "-readconfig", str(conf)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    async def drive():
+        for _ in range(100):
+            if qmp_path.exists():
+                break
+            await asyncio.sleep(0.1)
+        qmp = QMPClient("test")
+        await asyncio.wait_for(qmp.connect(str(qmp_path)), 30)
+        try:
+            assert len(await _pci_vmsockets(qmp)) == 2
+            await qmp.execute("device_add", {"driver": "vmsocket", "id": "hot",
+                                             "path": f"{tmp_path}/c.sock",
+                                             "bus": "pci.0", "addr": "0x10"})
+            devices = await _pci_vmsockets(qmp)
+            assert len(devices) == 3
+            assert {d["class_info"]["class"] for d in devices} == {0x0780}
+            bars = {len(d["regions"]) for d in devices}
+            assert bars == {3}
+            await qmp.execute("quit")
+        finally:
+            await qmp.disconnect()
+
+    try:
+        asyncio.run(asyncio.wait_for(drive(), 60))
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
