@@ -41,13 +41,15 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 
+from qemupatch.debian import machine_mirrors
 from qemupatch.errors import (
     CommandFailed,
     CommandTimeout,
     ContainerKilled,
+    DownloadError,
     ImageBuildFailed,
     NoContainerEngine,
 )
@@ -201,49 +203,6 @@ def _pump(items: Iterable, deadline: float, idle_timeout: float | None,
         handle(item)
 
 
-def debian_mirror(root: Path = Path("/")) -> tuple[str, str | None]:
-    """The Debian mirror (and security mirror) this machine's apt uses.
-
-    ``QEMUPATCH_DEBIAN_MIRROR`` overrides; otherwise the first ``deb``
-    URI in ``/etc/apt/sources.list.d/*.sources`` or ``sources.list``.
-    """
-    if env := os.environ.get("QEMUPATCH_DEBIAN_MIRROR"):
-        return env, os.environ.get("QEMUPATCH_DEBIAN_SECURITY_MIRROR")
-    entries: list[tuple[str, str]] = []      # (uri, suite)
-    apt = root / "etc/apt"
-    for path in sorted((apt / "sources.list.d").glob("*.sources")):
-        for stanza in re.split(r"\n\s*\n", path.read_text(errors="replace")):
-            fields: dict[str, str] = {}
-            for line in stanza.splitlines():
-                if line.startswith("#") or ":" not in line:
-                    continue
-                key, _, value = line.partition(":")
-                fields[key.strip().lower()] = value.strip()
-            if "deb" not in fields.get("types", "").split():
-                continue
-            if fields.get("enabled", "yes").lower() == "no":
-                continue
-            for uri in fields.get("uris", "").split():
-                for suite in fields.get("suites", "").split():
-                    entries.append((uri, suite))
-    lists = [apt / "sources.list", *sorted((apt / "sources.list.d").glob("*.list"))]
-    for path in lists:
-        if not path.is_file():
-            continue
-        for line in path.read_text(errors="replace").splitlines():
-            words = re.sub(r"\[[^]]*\]", "", line.split("#")[0]).split()
-            if len(words) >= 3 and words[0] == "deb":
-                entries.append((words[1], words[2]))
-    main = [u for u, s in entries if "security" not in s and "security" not in u]
-    security = [u for u, s in entries if "security" in s or "security" in u]
-    if not main:
-        raise NoContainerEngine(
-            "no Debian mirror in /etc/apt/sources.list(.d) to debootstrap a base "
-            "image from; set QEMUPATCH_DEBIAN_MIRROR=<mirror URL>"
-        )
-    return main[0].rstrip("/"), (security[0].rstrip("/") if security else None)
-
-
 def _ulimits():
     import docker.types
 
@@ -380,7 +339,10 @@ class Engine:
             raise ImageBuildFailed(
                 f"base image debian:{suite} is missing and cannot be pulled; "
                 "making it needs debootstrap: apt-get install debootstrap")
-        mirror, security = debian_mirror()
+        try:
+            mirror, security = astuple(machine_mirrors())
+        except DownloadError as exc:
+            raise ImageBuildFailed(f"cannot make base image debian:{suite}: {exc}") from exc
         sink = _LogSink(log_path, on_line)
         sink.write(f"qemupatch: debian:{suite} missing and not pullable: making it with "
                    f"debootstrap --variant=minbase {suite} from {mirror}\n")

@@ -24,7 +24,6 @@ from qemupatch.container import (
     PodmanEngine,
     _arg_defaults,
     _from_image,
-    debian_mirror,
 )
 from qemupatch.errors import ContainerKilled, ImageBuildFailed, NoContainerEngine
 
@@ -87,34 +86,6 @@ def test_docker_host_that_does_not_answer(tmp_path: Path, monkeypatch) -> None:
 def test_unknown_engine_name() -> None:
     with pytest.raises(NoContainerEngine, match="choose one of auto, docker, podman"):
         Engine.get("lxc")
-
-
-def test_mirror_from_deb822_sources(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.delenv("QEMUPATCH_DEBIAN_MIRROR", raising=False)
-    d = tmp_path / "etc/apt/sources.list.d"
-    d.mkdir(parents=True)
-    (d / "debian.sources").write_text(
-        "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm bookworm-updates\n"
-        "Components: main\n\nTypes: deb\nURIs: http://mirror.example/debian-security\n"
-        "Suites: bookworm-security\nComponents: main\n")
-    assert debian_mirror(tmp_path) == ("http://mirror.example/debian",
-                                       "http://mirror.example/debian-security")
-
-
-def test_mirror_from_one_line_sources(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.delenv("QEMUPATCH_DEBIAN_MIRROR", raising=False)
-    apt = tmp_path / "etc/apt"
-    apt.mkdir(parents=True)
-    (apt / "sources.list").write_text(
-        "# comment\ndeb-src http://src.example/debian bookworm main\n"
-        "deb [arch=amd64] http://one.example/debian/ bookworm main\n")
-    assert debian_mirror(tmp_path) == ("http://one.example/debian", None)
-
-
-def test_no_mirror_is_explained(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.delenv("QEMUPATCH_DEBIAN_MIRROR", raising=False)
-    with pytest.raises(NoContainerEngine, match="QEMUPATCH_DEBIAN_MIRROR"):
-        debian_mirror(tmp_path)
 
 
 def test_dockerfile_parsing() -> None:
