@@ -318,3 +318,25 @@ run_boot_test(Path({str(FAKE)!r}), img, Path({str(tmp_path / 'out')!r}), accel='
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.mark.real
+@pytest.mark.timeout(1800)
+def test_real_boot_trixie_612_guest(tmp_path):
+    """The driver on Debian's 6.12 kernel, built with trixie's compiler in
+    the trixie container, in a real boot of the patched QEMU."""
+    from qemupatch import build, config, guest
+
+    qemu, _, prog = real_inputs()
+    cfg = config.load(Path(__file__).parents[1])
+    kernel = cfg.kernel("6.12")
+    module = build.build_module(Path(__file__).parents[1] / "guest" / "kvm_vmsocket", kernel,
+                                tmp_path / "module-6.12")
+    img = guest.make_guest_image(cfg, "6.12", vmsocket_module=module, test_program=prog)
+    assert img.kernel_version.startswith("6.12")
+    result = run_boot_test(qemu, img, tmp_path / "out", progress=None)
+    names = {t.name: t.status for t in result.tests}
+    for name in ("short", "large", "many-small", "reconnect", "connect-refused",
+                 "signal-interrupts-read"):
+        assert names.get(name) == "pass", (name, names)
+    assert result.ok
