@@ -422,8 +422,12 @@ def build_qemu(source: Path, out_dir: Path, *, release: str, repacked: bool,
                patches: Path | None = None, build_dir: Path | None = None,
                ccache_volume: str = CCACHE_VOLUME, ccache_dir: Path | None = None,
                dockerfile: Path | None = None, idle_timeout: float = 900,
+               extra_targets: Sequence[str] = (),
                ) -> BuildResult:
     """Configure and compile QEMU's x86_64-softmmu from ``source``.
+
+    ``extra_targets``: more ninja targets to build and copy out beside the
+    binary (e.g. ``tests/qtest/vmsocket-test``, the series' own qtest).
 
     ``repacked``: ``source`` comes from Debian's repacked tarball; empty
     ``pc-bios/edk2-*.fd.bz2`` stand-ins are made (in the container's overlay,
@@ -456,11 +460,13 @@ def build_qemu(source: Path, out_dir: Path, *, release: str, repacked: bool,
         "patches": str(patches) if patches else None,
         "configure": list(CONFIGURE_ARGS),
         "jobs": jobs,
+        "targets": [QEMU_BINARY, *extra_targets],
         "python_call": _call_text(
             "build_qemu", source, out_dir, release=release, repacked=repacked,
             engine=engine if isinstance(engine, str) else engine.name, jobs=jobs,
             timeout=timeout, patches=patches, build_dir=build_dir,
-            ccache_volume=ccache_volume, ccache_dir=ccache_dir),
+            ccache_volume=ccache_volume, ccache_dir=ccache_dir,
+            extra_targets=tuple(extra_targets)),
     }
     try:
         if engine == "host":
@@ -478,7 +484,7 @@ def build_qemu(source: Path, out_dir: Path, *, release: str, repacked: bool,
 
 
 def _qemu_script(standins: Sequence[str], jobs: int, src: str, build: str,
-                 configure_args: Sequence[str]) -> str:
+                 configure_args: Sequence[str], targets: Sequence[str]) -> str:
     lines = ["set -eu"]
     if standins:
         names = " ".join(shlex.quote(s) for s in standins)
@@ -497,7 +503,8 @@ def _qemu_script(standins: Sequence[str], jobs: int, src: str, build: str,
         "fi",
         "command -v ccache >/dev/null && ccache -z >/dev/null || true",
         "echo '== compile'",
-        f"ninja -j{int(jobs)} {QEMU_BINARY} || {{ echo \"ninja failed\"; exit 91; }}",
+        f"ninja -j{int(jobs)} {' '.join(shlex.quote(t) for t in targets)} "
+        "|| { echo \"ninja failed\"; exit 91; }",
         "echo '== ccache'",
         "command -v ccache >/dev/null && ccache --print-stats || true",
     ]
@@ -523,7 +530,7 @@ def _qemu_container(eng: Engine, source: Path, out_dir: Path, log_dir: Path,
     facts = _image_facts(eng, image, timeout=min(300.0, max(1.0, deadline - time.monotonic())))
     build_dir = build_dir.resolve()
     build_dir.mkdir(parents=True, exist_ok=True)
-    script = _qemu_script(standins, jobs, "/src", "/build", CONFIGURE_ARGS)
+    script = _qemu_script(standins, jobs, "/src", "/build", CONFIGURE_ARGS, common["targets"])
     mounts = [Mount(str(source), "/src", "overlay", exclude=(".git",)),
               Mount(str(build_dir), "/build", "rw"),
               Mount(ccache_volume, "/ccache", "volume")]
@@ -576,16 +583,20 @@ def _qemu_finish(out_dir: Path, log_dir: Path, build_dir: Path, record: _Record,
                     log_dir / "compile.log", record)
     binary = out_dir / QEMU_BINARY
     shutil.copy2(built, binary)
+    artifacts = [binary]
+    for target in record.data["targets"][1:]:
+        artifacts.append(out_dir / Path(target).name)
+        shutil.copy2(build_dir / target, artifacts[-1])
     ccache = _parse_ccache(output.partition("== ccache")[2])
-    sums = {binary.name: _sha256(binary)}
+    sums = {a.name: _sha256(a) for a in artifacts}
     record.update(
         status="ok", stage="done", finished=_now(), compile_seconds=round(seconds, 1),
         ccache=(asdict(ccache) | {"hit_rate": ccache.hit_rate}) if ccache else None,
-        sha256=sums, artifacts=[binary.name],
+        sha256=sums, artifacts=[a.name for a in artifacts],
         runtime_note=("firmware/ROMs are not bundled: run with -L /usr/share/qemu "
                       "-L /usr/share/seabios (Debian qemu-system-data, seabios)"))
     return BuildResult(
-        kind="qemu", engine=engine, out_dir=out_dir, binary=binary, artifacts=(binary,),
+        kind="qemu", engine=engine, out_dir=out_dir, binary=binary, artifacts=tuple(artifacts),
         build_json=record.path, reproduce_sh=out_dir / "reproduce.sh", log_dir=log_dir,
         seconds=seconds, image_id=image.id if image else None,
         image_tag=image.tag if image else None,
@@ -616,7 +627,7 @@ def _qemu_host(source: Path, out_dir: Path, log_dir: Path, build_dir: Path,
         except (CommandFailed, CommandTimeout) as exc:
             raise _killed("QEMU", exc, record) from exc
     script = _qemu_script(standins, jobs, shlex.quote(str(src)), shlex.quote(str(build_dir)),
-                          CONFIGURE_ARGS)
+                          CONFIGURE_ARGS, common["targets"])
     ccache_dir.mkdir(parents=True, exist_ok=True)
     path = os.environ.get("PATH", "/usr/bin:/bin")
     env = {"CCACHE_DIR": str(ccache_dir), "PATH": f"/usr/lib/ccache:{path}"}

@@ -21,8 +21,11 @@ from qemupatch.guest import GuestImage
 REPO = Path(__file__).resolve().parents[1]
 
 
+QTEST = "tests/qtest/vmsocket-test"
+
+
 @functools.cache
-def _built() -> tuple[Path, Path, Path]:
+def _built() -> tuple[Path, Path, Path, Path]:
     from qemupatch import build, config, workflow
     from qemupatch.series import read_series
 
@@ -30,16 +33,17 @@ def _built() -> tuple[Path, Path, Path]:
     digest = read_series(cfg.patches_dir).digest()[:12]
     out = cfg.cache_dir / "test-artifacts" / digest
     qemu = out / "qemu" / "qemu-system-x86_64"
-    if not qemu.exists():
+    qtest = out / "qemu" / Path(QTEST).name
+    if not (qemu.exists() and qtest.exists()):
         rel, wt, _ = workflow.build_source(cfg)
         qemu = build.build_qemu(wt.path, out / "qemu", release=rel.name,
-                                repacked=rel.provenance.repacked,
-                                patches=cfg.patches_dir).binary
+                                repacked=rel.provenance.repacked, patches=cfg.patches_dir,
+                                extra_targets=(QTEST,)).binary
     kernel = cfg.kernels[0]
     module = build.build_module(REPO / "guest" / "kvm_vmsocket", kernel,
                                 out / f"module-{kernel.name}", patches=cfg.patches_dir)
     prog = build.build_guest_program(REPO / "guest" / "vmsocket-test.c", out / "program")
-    return qemu, module, prog
+    return qemu, module, prog, qtest
 
 
 def real_inputs() -> tuple[Path, Path, Path]:
@@ -51,7 +55,13 @@ def real_inputs() -> tuple[Path, Path, Path]:
         missing = [str(p) for p in paths if not p.exists()]
         assert not missing, f"QEMUPATCH_* name files that do not exist: {missing}"
         return paths  # type: ignore[return-value]
-    return _built()
+    return _built()[:3]
+
+
+def device_qtest() -> tuple[Path, Path]:
+    """(patched qemu, the series' own qtest binary), both built from patches/."""
+    qemu, _, _, qtest = _built()
+    return qemu, qtest
 
 
 def stock_qemu() -> Path:

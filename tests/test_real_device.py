@@ -7,7 +7,7 @@ import subprocess
 import pytest
 from qemu.qmp import QMPClient
 
-from guestinputs import real_inputs
+from guestinputs import device_qtest, real_inputs
 
 pytestmark = pytest.mark.real
 
@@ -93,3 +93,22 @@ def test_option_readconfig_and_qmp_hotplug(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.timeout(1800)
+def test_the_series_own_qtest(tmp_path):
+    """tests/qtest/vmsocket-test from the series: identity, every error
+    code, odd widths, round trips, a READ pending while QMP answers and
+    migration is refused, INTx and MSI, 3000 random register writes, and
+    hotplug; built with QEMU and run against it."""
+    qemu, qtest = device_qtest()
+    wrapper = tmp_path / "qemu-system-x86_64"
+    wrapper.write_text(f'#!/bin/sh\nexec {qemu} {" ".join(ROMS)} "$@"\n')
+    wrapper.chmod(0o755)
+    res = subprocess.run([str(qtest), "--tap", "-k"], capture_output=True, text=True,
+                         timeout=1500, env={"PATH": "/usr/bin:/bin",
+                                            "QTEST_QEMU_BINARY": str(wrapper)})
+    print(res.stdout[-4000:], res.stderr[-4000:])
+    assert res.returncode == 0
+    oks = [line for line in res.stdout.splitlines() if line.startswith("ok ")]
+    assert len(oks) >= 9 and "not ok" not in res.stdout
