@@ -55,6 +55,7 @@ from qemupatch.errors import (
     UserError,
 )
 from qemupatch.run import run, stream
+from qemupatch.upstream import sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 QEMU_TARGET = "x86_64-softmmu"
@@ -144,8 +145,8 @@ class TerminalProgress:
         self._last_tenth = -1
         if use_rich:
             from rich.console import Console
-            from rich.progress import BarColumn, Progress as RichProgress, TextColumn, \
-                TimeElapsedColumn
+            from rich.progress import BarColumn, TextColumn, TimeElapsedColumn
+            from rich.progress import Progress as RichProgress
 
             self._rich = RichProgress(
                 TextColumn("{task.description}"), BarColumn(),
@@ -211,14 +212,6 @@ def edk2_standins(source: Path) -> list[str]:
         return []
     names = sorted(set(re.findall(r"'(edk2-[\w.-]+\.fd)'", meson.read_text())))
     return [f"{n}.bz2" for n in names if not (source / "pc-bios" / f"{n}.bz2").exists()]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _first_errors(text: str, count: int = 12) -> str:
@@ -543,7 +536,7 @@ def _qemu_container(eng: Engine, source: Path, out_dir: Path, log_dir: Path,
         "id": image.id, "tag": image.tag, "content_hash": image.content_hash,
         "built_now": image.built, "build_seconds": round(image.seconds, 1),
         "base": image.base, "dockerfile": str(dockerfile),
-        "dockerfile_sha256": _sha256(dockerfile)}, packages=facts["packages"],
+        "dockerfile_sha256": sha256_file(dockerfile)}, packages=facts["packages"],
         compiler=facts["compiler"], tools=facts["tools"], build_dir=str(build_dir),
         ccache_volume=ccache_volume, command=container_cmd)
     _write_reproduce(out_dir, common["python_call"], container_cmd)
@@ -588,7 +581,7 @@ def _qemu_finish(out_dir: Path, log_dir: Path, build_dir: Path, record: _Record,
         artifacts.append(out_dir / Path(target).name)
         shutil.copy2(build_dir / target, artifacts[-1])
     ccache = _parse_ccache(output.partition("== ccache")[2])
-    sums = {a.name: _sha256(a) for a in artifacts}
+    sums = {a.name: sha256_file(a) for a in artifacts}
     record.update(
         status="ok", stage="done", finished=_now(), compile_seconds=round(seconds, 1),
         ccache=(asdict(ccache) | {"hit_rate": ccache.hit_rate}) if ccache else None,
@@ -744,7 +737,7 @@ def _build_module(module_src: Path, kernel: GuestKernel, out_dir: Path, *,
                 record.update(stage="compile", image={
                     "id": image.id, "tag": image.tag, "base": image.base,
                     "content_hash": image.content_hash, "dockerfile": str(dockerfile),
-                    "dockerfile_sha256": _sha256(dockerfile)},
+                    "dockerfile_sha256": sha256_file(dockerfile)},
                     packages=facts["packages"], compiler=facts["compiler"],
                     command=container_cmd)
                 _write_reproduce(out_dir, common["python_call"], container_cmd, repro_name)
@@ -789,7 +782,7 @@ def _module_finish(staging: Path, out_dir: Path, log_path: Path, record: _Record
         raise _fail("module", "vermagic", 0,
                     f"error: module vermagic {vermagic} does not match {release}",
                     log_path, record)
-    sums = {p.name: _sha256(p) for p in produced}
+    sums = {p.name: sha256_file(p) for p in produced}
     compiler = next((line for line in output.splitlines() if line.startswith("gcc")), "")
     record.update(status="ok", stage="done", finished=_now(), sha256=sums,
                   artifacts=[p.name for p in produced], vermagic=vermagic,
@@ -928,7 +921,7 @@ def build_guest_program(src: Path, out_dir: Path, *, engine: "str | Engine" = "a
         if not binary.is_file():
             raise _fail(name, "artifacts", 0, f"{binary} missing", log_path, record)
         record.update(status="ok", stage="done", finished=_now(),
-                      sha256={name: _sha256(binary)}, artifacts=[name],
+                      sha256={name: sha256_file(binary)}, artifacts=[name],
                       compile_seconds=round(seconds, 1),
                       image_id=image.id if image else None, engine_name=engine_name)
         return binary
