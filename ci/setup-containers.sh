@@ -28,7 +28,7 @@ done
 if ((${#missing[@]})); then
     echo "setup-containers: installing ${missing[*]}"
     apt-get update -q
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi
 
 # The Docker SDK for Python is a qemupatch dependency (pyproject.toml), so

@@ -17,10 +17,8 @@ packages=(
     qemu-system-data seabios busybox-static cpio kmod dpkg-dev
     # the distribution's own QEMU: the stock comparator in the boot tests
     qemu-system-x86
-    # containers: podman serves the Docker API; runc (crun fails in this
-    # sandbox); debootstrap makes base images when no registry is reachable
-    podman runc debootstrap uidmap fuse-overlayfs
 )
+# containers (podman, runc, debootstrap ...): ci/setup-containers.sh
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -28,7 +26,7 @@ done
 if ((${#missing[@]})); then
     echo "setup: installing ${missing[*]}"
     apt-get update -q
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi
 
 if [ -x "$here/ci/setup-containers.sh" ]; then
