@@ -2,7 +2,8 @@
 
     pytest -m benchmark -s tests/test_bench_build.py
 
-Builds QEMU (QEMUPATCH_QEMU_SRC, default /work/scratch/qemu-ct) from a
+Builds QEMU with the shipped series (patches/ applied on its base by the
+pipeline's own stage; QEMUPATCH_QEMU_SRC names another tree) from a
 private copy of the tree, in a container with a fresh ccache volume:
 
     cold            fresh build dir, empty ccache
@@ -32,9 +33,12 @@ DEVICE_FILES = ("hw/misc/vmsocket.c", "hw/misc/edu.c", "hw/char/serial.c")
 @pytest.mark.benchmark
 @pytest.mark.timeout(7200)
 def test_bench_build(tmp_path: Path) -> None:
-    src0 = Path(os.environ.get("QEMUPATCH_QEMU_SRC", "/work/scratch/qemu-ct"))
-    if not (src0 / "configure").is_file():
-        pytest.skip(f"no QEMU tree at {src0}")
+    if os.environ.get("QEMUPATCH_QEMU_SRC"):
+        src0 = Path(os.environ["QEMUPATCH_QEMU_SRC"])
+    else:
+        from qemupatch import config, workflow
+        src0 = workflow.build_source(config.load(Path(__file__).parents[1]))[1].path
+    assert (src0 / "configure").is_file(), f"no QEMU tree at {src0}"
     src = tmp_path / "src"
     run(["cp", "-a", f"{src0}/.", str(src)], timeout=600)
     shutil.rmtree(src / ".git", ignore_errors=True)
