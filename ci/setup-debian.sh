@@ -29,6 +29,20 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi
 
+# Kernel headers of the bookworm guest kernels (qemupatch.toml), for host
+# builds of the module (container builds install their own).
+headers=$(python3 - "$here/qemupatch.toml" <<'PY'
+import sys, tomllib
+cfg = tomllib.load(open(sys.argv[1], "rb"))
+print(" ".join(p for k in cfg.get("kernel", []) if k["suite"] == "bookworm"
+               for p in k.get("headers_packages", [])))
+PY
+)
+for p in $headers; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || {
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q $headers; break; }
+done
+
 if [ -x "$here/ci/setup-containers.sh" ]; then
     "$here/ci/setup-containers.sh"
 fi

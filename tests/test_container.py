@@ -3,7 +3,7 @@
 Fast tests: engine selection and its errors, mirror discovery, a failing
 image build, a container past its deadline, cleanup (no service, no
 container left).  The podman ones start a private service (about 2 s) and
-skip when podman is missing; the deadline test needs a local debian:bookworm
+fail when podman is missing; the deadline test needs a local debian:bookworm
 image (made by the real tests, or by ``ensure_base_image``).
 Tests marked ``real`` debootstrap base images and build the real images.
 """
@@ -11,6 +11,7 @@ Tests marked ``real`` debootstrap base images and build the real images.
 from __future__ import annotations
 
 import os
+import functools
 import shutil
 import time
 from pathlib import Path
@@ -28,13 +29,17 @@ from qemupatch.container import (
 from qemupatch.errors import ContainerKilled, ImageBuildFailed, NoContainerEngine
 
 REPO = Path(__file__).resolve().parent.parent
-needs_podman = pytest.mark.skipif(not shutil.which("podman"), reason="podman not installed")
+def needs_podman(fn):
+    """podman is installed by ci/setup-containers.sh: its absence is a failure."""
+    def wrapped(*args, **kwargs):
+        assert shutil.which("podman"), "podman is not installed: run ci/setup-debian.sh"
+        return fn(*args, **kwargs)
+    return functools.wraps(fn)(wrapped)
 
 
 @pytest.fixture(scope="module")
 def podman():
-    if not shutil.which("podman"):
-        pytest.skip("podman not installed")
+    assert shutil.which("podman"), "podman is not installed: run ci/setup-debian.sh"
     with Engine.get("podman") as engine:
         yield engine
     assert engine.proc is None
@@ -42,8 +47,7 @@ def podman():
 
 @pytest.fixture(scope="module")
 def bookworm(podman: Engine) -> str:
-    if not podman.image_id("debian:bookworm"):
-        pytest.skip("no local debian:bookworm image (the real tests make it)")
+    podman.ensure_base_image("debian:bookworm")  # debootstrap when missing
     return "debian:bookworm"
 
 

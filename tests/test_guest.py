@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import lzma
 import os
@@ -16,6 +17,14 @@ from qemupatch.errors import GuestImageError
 from qemupatch.guest import Cpio, KernelFiles, build_image, init_script
 
 BUSYBOX = shutil.which("busybox")
+
+
+def needs_busybox(fn):
+    """busybox-static comes with ci/setup-debian.sh: its absence is a failure."""
+    def wrapped(*args, **kwargs):
+        assert BUSYBOX, "busybox is not installed: run ci/setup-debian.sh"
+        return fn(*args, **kwargs)
+    return functools.wraps(fn)(wrapped)
 VERSION = "6.1.0-99-test"
 
 
@@ -93,7 +102,7 @@ def test_find_module_needs_exact_name(kernel):
         guest.find_module(kernel.modules_dir, "virtio_nope")
 
 
-@pytest.mark.skipif(not BUSYBOX, reason="needs a static busybox on the host")
+@needs_busybox
 def test_init_script_is_valid_shell():
     script = init_script(modules=guest.VIRTIO_MODULES, has_module=True, has_program=True)
     subprocess.run([BUSYBOX, "sh", "-n", "-c", script], check=True, timeout=30)
@@ -102,7 +111,7 @@ def test_init_script_is_valid_shell():
     assert "vmsocket-test bench vmsocket /dev/vmsocket0 /dev/vmsocket2 /dev/vmsocket3" in script
 
 
-@pytest.mark.skipif(not BUSYBOX, reason="needs a static busybox on the host")
+@needs_busybox
 def test_build_image_contents_and_cache(kernel, tmp_path):
     prog = tmp_path / "vmsocket-test"
     shutil.copyfile(BUSYBOX, prog)            # any static ELF will do
@@ -126,14 +135,14 @@ def test_build_image_contents_and_cache(kernel, tmp_path):
     assert plain.digest != img.digest and not plain.vmsocket_module
 
 
-@pytest.mark.skipif(not BUSYBOX, reason="needs a static busybox on the host")
+@needs_busybox
 def test_initramfs_is_deterministic(kernel, tmp_path):
     a = build_image(kernel, Path(BUSYBOX), tmp_path / "c1")
     b = build_image(kernel, Path(BUSYBOX), tmp_path / "c2")
     assert a.initramfs.read_bytes() == b.initramfs.read_bytes()
 
 
-@pytest.mark.skipif(not BUSYBOX, reason="needs a static busybox on the host")
+@needs_busybox
 def test_module_for_another_kernel_is_refused(kernel, tmp_path):
     ko = tmp_path / "kvm_vmsocket.ko"
     ko.write_bytes(fake_module("kvm_vmsocket", "6.12.0-1-amd64"))
@@ -141,7 +150,7 @@ def test_module_for_another_kernel_is_refused(kernel, tmp_path):
         build_image(kernel, Path(BUSYBOX), tmp_path / "c", vmsocket_module=ko)
 
 
-@pytest.mark.skipif(not BUSYBOX, reason="needs a static busybox on the host")
+@needs_busybox
 def test_dynamic_test_program_is_refused(kernel, tmp_path):
     dyn = tmp_path / "dyn"
     shutil.copyfile("/bin/true", dyn)
