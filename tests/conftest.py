@@ -6,9 +6,11 @@ meets every outcome class: each file of the tree is aimed at one class.
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,19 @@ from qemupatch.run import git
 from qemupatch.worktree import WorkTree
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def requires(present: Callable[[], object], message: str):
+    """Mark a test as needing something ci/setup-debian.sh installs: its
+    absence fails the test with ``message`` (it is a broken machine, not a
+    reason to skip)."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapped(*args, **kwargs):
+            assert present(), f"{message}: run ci/setup-debian.sh"
+            return fn(*args, **kwargs)
+        return wrapped
+    return decorate
 
 
 def lines(prefix: str, n: int = 30, **changed: str) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import io
 import json
-import functools
 import os
 import shutil
 import subprocess
@@ -39,6 +38,7 @@ from qemupatch.build import (
 )
 from qemupatch.config import GuestKernel, load
 from qemupatch.errors import CompileFailed, ContainerKilled, UserError
+from tests.conftest import requires
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_SRC = Path(__file__).parent / "fakeqemusrc"
@@ -47,22 +47,10 @@ HEADERS_61 = Path("/usr/src/linux-headers-6.1.0-56-amd64")
 KERNEL_61 = GuestKernel("6.1", "bookworm", "linux-image-6.1.0-56-amd64",
                         ("linux-headers-6.1.0-56-amd64",))
 
-def needs_headers_61(fn):
-    """The host engine builds against installed headers; ci/setup-debian.sh
-    installs those of the bookworm kernels in qemupatch.toml."""
-    def wrapped(*args, **kwargs):
-        assert (HEADERS_61 / "Makefile").is_file(), f"{HEADERS_61} missing: run ci/setup-debian.sh"
-        return fn(*args, **kwargs)
-    return functools.wraps(fn)(wrapped)
-
-
-def needs_ninja(fn):
-    """ninja and gcc come with ci/setup-debian.sh: their absence is a failure."""
-    def wrapped(*args, **kwargs):
-        assert shutil.which("ninja") and shutil.which("gcc"), \
-            "ninja and gcc are needed on the host: run ci/setup-debian.sh"
-        return fn(*args, **kwargs)
-    return functools.wraps(fn)(wrapped)
+needs_headers_61 = requires(lambda: (HEADERS_61 / "Makefile").is_file(),
+                            f"{HEADERS_61} is missing")
+needs_ninja = requires(lambda: shutil.which("ninja") and shutil.which("gcc"),
+                       "ninja and gcc are needed on the host")
 
 
 class Recorder:

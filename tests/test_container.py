@@ -11,7 +11,6 @@ Tests marked ``real`` debootstrap base images and build the real images.
 from __future__ import annotations
 
 import os
-import functools
 import shutil
 import time
 from pathlib import Path
@@ -27,14 +26,10 @@ from qemupatch.container import (
     _from_image,
 )
 from qemupatch.errors import ContainerKilled, ImageBuildFailed, NoContainerEngine
+from tests.conftest import requires
 
 REPO = Path(__file__).resolve().parent.parent
-def needs_podman(fn):
-    """podman is installed by ci/setup-containers.sh: its absence is a failure."""
-    def wrapped(*args, **kwargs):
-        assert shutil.which("podman"), "podman is not installed: run ci/setup-debian.sh"
-        return fn(*args, **kwargs)
-    return functools.wraps(fn)(wrapped)
+needs_podman = requires(lambda: shutil.which("podman"), "podman is not installed")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import gzip
 import lzma
 import os
@@ -15,16 +14,12 @@ import pytest
 from qemupatch import debian, guest
 from qemupatch.errors import GuestImageError
 from qemupatch.guest import Cpio, KernelFiles, build_image, init_script
+from tests.conftest import requires
 
 BUSYBOX = shutil.which("busybox")
 
 
-def needs_busybox(fn):
-    """busybox-static comes with ci/setup-debian.sh: its absence is a failure."""
-    def wrapped(*args, **kwargs):
-        assert BUSYBOX, "busybox is not installed: run ci/setup-debian.sh"
-        return fn(*args, **kwargs)
-    return functools.wraps(fn)(wrapped)
+needs_busybox = requires(lambda: BUSYBOX, "busybox is not installed")
 VERSION = "6.1.0-99-test"
 
 
