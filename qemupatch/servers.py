@@ -183,17 +183,22 @@ class _Server:
         # Peer half-closed or closed: flush what it has not read yet.
         await writer.drain()
 
+    @staticmethod
+    async def _request_length(conn: _Conn, reader: asyncio.StreamReader) -> int | None:
+        """The 8-byte little-endian length that starts a sink or source
+        request; None at a clean EOF between requests."""
+        try:
+            head = await reader.readexactly(8)
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial:
+                raise
+            return None
+        conn.bytes_in += 8
+        return struct.unpack("<Q", head)[0]
+
     async def _sink(self, conn: _Conn, reader: asyncio.StreamReader,
                     writer: asyncio.StreamWriter) -> None:
-        while True:
-            try:
-                head = await reader.readexactly(8)
-            except asyncio.IncompleteReadError as exc:
-                if exc.partial:
-                    raise
-                return                      # clean EOF between requests
-            (length,) = struct.unpack("<Q", head)
-            conn.bytes_in += 8
+        while (length := await self._request_length(conn, reader)) is not None:
             compute = 0 < length <= self.fnv_limit
             h, left, got = FNV_OFFSET, length, 0
             while left:
@@ -215,15 +220,7 @@ class _Server:
     async def _source(self, conn: _Conn, reader: asyncio.StreamReader,
                       writer: asyncio.StreamWriter) -> None:
         block = source_pattern(0, 251 * 261)   # a whole number of periods, ~64 KiB
-        while True:
-            try:
-                head = await reader.readexactly(8)
-            except asyncio.IncompleteReadError as exc:
-                if exc.partial:
-                    raise
-                return
-            (length,) = struct.unpack("<Q", head)
-            conn.bytes_in += 8
+        while (length := await self._request_length(conn, reader)) is not None:
             conn.requests += 1
             left = length
             while left:
