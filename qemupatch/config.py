@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,36 @@ class GuestKernel:
 
 
 @dataclass(frozen=True)
+class Settings:
+    """This machine's settings, read once from the environment by
+    :func:`load` and passed down; nothing below reads the environment."""
+
+    # QEMUPATCH_NO_PULL=1: never try a registry for base images.
+    no_pull: bool = False
+    # QEMUPATCH_NO_HOST_OVERLAY=1: copy sources instead of overlay mounts.
+    host_overlay: bool = True
+    # QEMUPATCH_CA_BUNDLE: the CA bundle image builds give pip (proxies).
+    ca_bundle: Path = Path("/etc/ssl/certs/ca-certificates.crt")
+    # QEMUPATCH_DEBIAN_MIRROR / _SECURITY_MIRROR: instead of apt's own.
+    debian_mirror: str | None = None
+    debian_security_mirror: str | None = None
+    # DOCKER_HOST: the Docker daemon to try first.
+    docker_host: str | None = None
+
+    @classmethod
+    def from_environ(cls, env: Mapping[str, str]) -> "Settings":
+        default = cls()
+        return cls(
+            no_pull=env.get("QEMUPATCH_NO_PULL") == "1",
+            host_overlay=env.get("QEMUPATCH_NO_HOST_OVERLAY") != "1",
+            ca_bundle=Path(env.get("QEMUPATCH_CA_BUNDLE") or default.ca_bundle),
+            debian_mirror=env.get("QEMUPATCH_DEBIAN_MIRROR") or None,
+            debian_security_mirror=env.get("QEMUPATCH_DEBIAN_SECURITY_MIRROR") or None,
+            docker_host=env.get("DOCKER_HOST") or None,
+        )
+
+
+@dataclass(frozen=True)
 class Config:
     root: Path
     patches_dir: Path
@@ -56,6 +87,7 @@ class Config:
     releases: tuple[ReleaseSource, ...]
     prefer: tuple[str, ...] = SOURCE_KINDS
     kernels: tuple[GuestKernel, ...] = field(default=())
+    settings: Settings = field(default_factory=Settings)
 
     def release(self, name: str) -> ReleaseSource | None:
         for rel in self.releases:
@@ -74,11 +106,18 @@ class Config:
     def mirror_dir(self) -> Path:
         return self.cache_dir / "upstream.git"
 
+    @property
+    def default_kernel(self) -> GuestKernel:
+        if not self.kernels:
+            raise UserError(f"{self.root / CONFIG_NAME} names no guest kernel: "
+                            "add a [[kernel]] table")
+        return self.kernels[0]
 
-def default_cache_dir() -> Path:
-    if env := os.environ.get("QEMUPATCH_CACHE"):
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+
+def default_cache_dir(env: Mapping[str, str] = os.environ) -> Path:
+    if value := env.get("QEMUPATCH_CACHE"):
+        return Path(value)
+    base = env.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "qemupatch"
 
 
@@ -91,7 +130,11 @@ def find_root(start: Path | None = None) -> Path:
     raise UserError(f"no {CONFIG_NAME} found in {here} or any parent folder")
 
 
-def load(root: Path | None = None, cache_dir: Path | None = None) -> Config:
+def load(root: Path | None = None, cache_dir: Path | None = None,
+         env: Mapping[str, str] | None = None) -> Config:
+    """The project at or above ``root`` and this machine's settings
+    (``env``, default the process environment: the one place it is read)."""
+    env = os.environ if env is None else env
     root = find_root(root)
     path = root / CONFIG_NAME
     try:
@@ -123,9 +166,10 @@ def load(root: Path | None = None, cache_dir: Path | None = None) -> Config:
     return Config(
         root=root,
         patches_dir=root / project.get("patches", "patches"),
-        cache_dir=cache_dir or default_cache_dir(),
+        cache_dir=cache_dir or default_cache_dir(env),
         default_release=default_release,
         releases=tuple(releases),
         prefer=prefer,
         kernels=tuple(kernels),
+        settings=Settings.from_environ(env),
     )

@@ -18,7 +18,10 @@ errors to codes; the CLI only reads ``exc.exit_code``::
      |    +-- CommandTimeout            a command ran past its deadline
      |    +-- DownloadError
      +-- BootTestError                  20-24, one per boot-test stage
-     +-- BuildError                     30-33: no engine, image, compile, killed
+     +-- BuildError                     30-34: no engine, image, compile, killed,
+     |                                         engine API failure
+     +-- Terminated                     130 (SIGINT), 143 (SIGTERM): stopped on
+                                        request; cleanup done, records written
 
 Each error carries its context (command, exit code, log tail) so that the
 message alone tells a maintainer what happened.
@@ -170,3 +173,22 @@ class CompileFailed(BuildError):
 
 class ContainerKilled(BuildError):
     exit_code = 33
+
+
+class EngineError(BuildError):
+    """The container engine's API failed (not the build inside it)."""
+
+    exit_code = 34
+
+
+class Terminated(QemupatchError):
+    """A SIGTERM or SIGINT asked qemupatch to stop; raised in the main
+    thread so that every ``finally`` runs (containers, QEMU, the podman
+    service and overlay mounts go; records are written)."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name}")

@@ -21,18 +21,17 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
 from pathlib import Path
 
 from unidiff import PatchSet
 
 from qemupatch import report as rpt
 from qemupatch.errors import DirtyWorkTree, RebaseStateError, SeriesError
+from qemupatch.records import atomic_write, utc_now
 from qemupatch.report import BaseRef, PatchOutcome, RebaseReport
 from qemupatch.series import Patch, Series, read_series, write_series
 from qemupatch.upstream import Mirror
@@ -101,12 +100,7 @@ class Rebase:
                                    "remove the folder to forget that rebase") from exc
 
     def save(self, state: RebaseState) -> None:
-        tmp = self.state_file.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(asdict(state), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state_file)
+        atomic_write(self.state_file, json.dumps(asdict(state), indent=1), sync=True)
 
     def _worktree(self, state: RebaseState) -> WorkTree:
         return WorkTree(self.mirror.path, Path(state.worktree), state.branch)
@@ -144,7 +138,7 @@ class Rebase:
             new_base={"name": new.name, "commit": new.commit},
             worktree=str(wt.path), branch=wt.branch, branch_before=before,
             backup_ref=None, keep_going=keep_going, skip_names=list(skip),
-            started=_now(),
+            started=utc_now(),
         )
         self.save(state)
         state.backup_ref = wt.reset_to(new.commit)
@@ -313,7 +307,7 @@ class Rebase:
             old_base=BaseRef(**state.old_base), new_base=BaseRef(**state.new_base),
             outcomes=tuple(outcomes), status=status, branch=state.branch,
             worktree=state.worktree, backup_ref=state.backup_ref, started=state.started,
-            finished=_now(), total=len(series.patches),
+            finished=utc_now(), total=len(series.patches),
         )
 
     def _tell_stop(self, rep: RebaseReport, wt: WorkTree, patch: Patch) -> None:
@@ -326,10 +320,6 @@ class Rebase:
             + "  resolve the files, `git add` them, then: qemupatch rebase --continue\n"
             "  or leave the patch out: qemupatch rebase --skip\n"
             "  or undo everything: qemupatch rebase --abort")
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _hunk_positions(text: str) -> list[tuple[str, int, int]]:

@@ -4,10 +4,10 @@ for CI.  Every stage hands its result here as plain data."""
 from __future__ import annotations
 
 import json
-import os
-import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from qemupatch.records import FAIL, PASS, SKIP, Case, atomic_write, junit_xml
 
 SCHEMA = 1
 
@@ -66,14 +66,6 @@ class RebaseReport:
         return [o for o in self.outcomes if o.outcome == CONFLICT and not o.resolved]
 
 
-def _atomic_write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
 def rebase_markdown(rep: RebaseReport) -> str:
     lines = [
         f"# Rebase onto {rep.new_base.name}: {rep.status}",
@@ -115,34 +107,26 @@ def rebase_json(rep: RebaseReport) -> str:
 
 
 def rebase_junit(rep: RebaseReport) -> str:
-    suite = ET.Element(
-        "testsuite", name=f"rebase onto {rep.new_base.name}",
-        tests=str(len(rep.outcomes)),
-        failures=str(len(rep.unresolved_conflicts)),
-        skipped=str(rep.count(SKIPPED) + sum(1 for o in rep.outcomes
-                                              if o.outcome == CONFLICT and not o.resolved
-                                              and rep.status == "complete")),
-    )
+    cases = []
     for o in rep.outcomes:
-        case = ET.SubElement(suite, "testcase", classname=f"rebase.{rep.new_base.name}",
-                             name=f"{o.index:03d} {o.subject}", time=f"{o.seconds:.3f}")
+        status, detail = PASS, ""
         if o.outcome == CONFLICT and not o.resolved:
-            fail = ET.SubElement(case, "failure", type="conflict",
-                                 message=f"conflict in {', '.join(o.conflict_files) or 'patch'}")
-            fail.text = "\n".join(o.failed_hunks) or o.detail
+            status = FAIL
+            detail = (f"conflict in {', '.join(o.conflict_files) or 'patch'}\n"
+                      + ("\n".join(o.failed_hunks) or o.detail))
         elif o.outcome == SKIPPED:
-            ET.SubElement(case, "skipped", message=o.detail or "skipped by request")
-        out = ET.SubElement(case, "system-out")
-        out.text = f"outcome: {o.outcome}\n{o.detail}\n{o.range_diff}"
-    ET.indent(suite)
-    return ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"
+            status, detail = SKIP, o.detail or "skipped by request"
+        cases.append(Case(f"rebase.{rep.new_base.name}", f"{o.index:03d} {o.subject}",
+                          status, o.seconds, detail,
+                          f"outcome: {o.outcome}\n{o.detail}\n{o.range_diff}"))
+    return junit_xml(f"rebase onto {rep.new_base.name}", cases)
 
 
 def write_rebase_report(rep: RebaseReport, out_dir: Path) -> dict[str, Path]:
     return {
-        "markdown": _atomic_write(out_dir / "rebase.md", rebase_markdown(rep)),
-        "json": _atomic_write(out_dir / "rebase.json", rebase_json(rep)),
-        "junit": _atomic_write(out_dir / "rebase.junit.xml", rebase_junit(rep)),
+        "markdown": atomic_write(out_dir / "rebase.md", rebase_markdown(rep)),
+        "json": atomic_write(out_dir / "rebase.json", rebase_json(rep)),
+        "junit": atomic_write(out_dir / "rebase.junit.xml", rebase_junit(rep)),
     }
 
 
@@ -157,21 +141,15 @@ class CheckResult:
 
 
 def check_junit(results: list[CheckResult], name: str) -> str:
-    suite = ET.Element("testsuite", name=name, tests=str(len(results)),
-                       failures=str(sum(1 for r in results if not r.ok)))
-    for r in results:
-        case = ET.SubElement(suite, "testcase", classname=f"check.{r.check}",
-                             name=r.patch or r.check)
-        if not r.ok:
-            ET.SubElement(case, "failure", message=r.message[:200]).text = r.message
-    ET.indent(suite)
-    return ET.tostring(suite, encoding="unicode", xml_declaration=True) + "\n"
+    return junit_xml(name, [Case(f"check.{r.check}", r.patch or r.check,
+                                 PASS if r.ok else FAIL, detail=r.message)
+                            for r in results])
 
 
 def write_check_report(results: list[CheckResult], out_dir: Path, name: str) -> dict[str, Path]:
     data = {"schema": SCHEMA, "name": name, "ok": all(r.ok for r in results),
             "results": [asdict(r) for r in results]}
     return {
-        "json": _atomic_write(out_dir / "check.json", json.dumps(data, indent=2) + "\n"),
-        "junit": _atomic_write(out_dir / "check.junit.xml", check_junit(results, name)),
+        "json": atomic_write(out_dir / "check.json", json.dumps(data, indent=2) + "\n"),
+        "junit": atomic_write(out_dir / "check.junit.xml", check_junit(results, name)),
     }

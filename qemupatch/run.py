@@ -1,9 +1,15 @@
 """The one place qemupatch runs external commands.
 
 Every command gets a deadline, its own process group (so a timeout kills the
-whole tree, not just the first child), captured output and a debug log line
-with the exact argv.  Callers pass ``cwd``; nothing here or elsewhere calls
-``os.chdir``.
+whole tree, not just the first child), a request to Linux to kill it when
+qemupatch dies (even by ``kill -9``), and a debug log line with the exact
+argv.  Callers pass ``cwd``; nothing here or elsewhere calls ``os.chdir``::
+
+    run(argv, timeout=)      to completion, output captured   -> Completed
+    stream(argv, timeout=)   to completion, lines to a log    -> Completed
+    git(repo, *args)         run() with a neutral git config  -> Completed
+    spawn(argv, deadline=)   a long-lived process (QEMU, the podman
+                             service) that the caller stops   -> Process
 """
 
 from __future__ import annotations
@@ -48,11 +54,37 @@ class Completed:
         return self.stdout + self.stderr
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Signal the child's whole process group (it leads its own)."""
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, sig)
     except ProcessLookupError:
         pass
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn asking Linux to SIGKILL the child when the thread that
+    started it dies (PR_SET_PDEATHSIG), so a ``kill -9`` of qemupatch
+    leaves nothing behind.  libc is loaded before the fork: the child only
+    makes the one call."""
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+
+    return preexec
+
+
+def _popen(args: tuple[str, ...], **kwargs) -> subprocess.Popen:
+    """The one Popen: own process group, dies with qemupatch."""
+    return subprocess.Popen(args, start_new_session=True,
+                            preexec_fn=_die_with_parent(), **kwargs)
 
 
 def run(
@@ -70,7 +102,7 @@ def run(
     full_env = {**os.environ, **env} if env else None
     binary = isinstance(input, bytes)
     start = time.monotonic()
-    proc = subprocess.Popen(
+    proc = _popen(
         args,
         cwd=cwd,
         env=full_env,
@@ -78,7 +110,6 @@ def run(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=not binary,
-        start_new_session=True,
     )
     try:
         out, err = proc.communicate(input, timeout=timeout)
@@ -132,10 +163,10 @@ def stream(
     with open(log_path, "w", encoding="utf-8") as logf:
         logf.write(f"$ {' '.join(args)}\n")
         logf.flush()
-        proc = subprocess.Popen(
+        proc = _popen(
             args, cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, errors="replace", start_new_session=True,
+            text=True, errors="replace",
         )
         reason: list[str] = []
 
@@ -195,3 +226,85 @@ def git(
         check=check,
         input=input,
     )
+
+
+class Process:
+    """A long-lived child started by :func:`spawn`.
+
+    It leads its own process group, dies with qemupatch, and is stopped
+    (its whole group) at its deadline by a watchdog thread, or by
+    :meth:`stop`: SIGTERM, ``grace`` seconds, then SIGKILL.  ``expired``
+    tells whether the deadline stopped it.
+    """
+
+    def __init__(self, args: tuple[str, ...], popen: subprocess.Popen, deadline: float):
+        self.argv = args
+        self.popen = popen
+        self.deadline = deadline
+        self.expired = False
+        self._done = threading.Event()
+        threading.Thread(target=self._watch, name=f"deadline-{popen.pid}",
+                         daemon=True).start()
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def _watch(self) -> None:
+        if not self._done.wait(max(0.0, self.deadline - time.monotonic())):
+            if self.popen.poll() is None:
+                log.warning("%s ran past its deadline; stopping it", self.argv[0])
+                self.expired = True
+                self.stop(grace=5)
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def wait(self, timeout: float) -> int | None:
+        """The exit status, or None if still running after ``timeout`` s."""
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, grace: float = 10.0) -> int:
+        """End the process group (SIGTERM, then SIGKILL after ``grace`` s)
+        and reap the process; returns its exit status."""
+        if self.popen.poll() is None:
+            _kill_group(self.popen, signal.SIGTERM)
+            if self.wait(grace) is None:
+                _kill_group(self.popen, signal.SIGKILL)
+        rc = self.popen.wait()
+        _kill_group(self.popen, signal.SIGKILL)   # stragglers left in the group
+        self._done.set()
+        return rc
+
+
+def spawn(
+    argv: Sequence[str | os.PathLike],
+    *,
+    deadline: float,
+    cwd: str | os.PathLike | None = None,
+    env: Mapping[str, str] | None = None,
+    stdout: int | Path | None = None,
+    pass_fds: Sequence[int] = (),
+) -> Process:
+    """Start a long-lived process that must be gone within ``deadline``
+    seconds (the caller stops it earlier with ``Process.stop``).
+
+    ``stdout``: a file to write stdout and stderr to, or ``subprocess.DEVNULL``
+    (the default).  ``pass_fds``: descriptors the child inherits (QMP over a
+    socketpair).
+    """
+    args = tuple(str(a) for a in argv)
+    log.debug("spawn (cwd=%s, deadline=%ss): %s", cwd, deadline, " ".join(args))
+    full_env = {**os.environ, **env} if env else None
+    if isinstance(stdout, Path):
+        with open(stdout, "ab") as out:
+            popen = _popen(args, cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
+                           stdout=out, stderr=subprocess.STDOUT, pass_fds=tuple(pass_fds))
+    else:
+        target = subprocess.DEVNULL if stdout is None else stdout
+        popen = _popen(args, cwd=cwd, env=full_env, stdin=subprocess.DEVNULL,
+                       stdout=target, stderr=subprocess.STDOUT, pass_fds=tuple(pass_fds))
+    return Process(args, popen, time.monotonic() + deadline)

@@ -22,7 +22,6 @@ import shutil
 import tempfile
 import urllib.request
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 from qemupatch.config import Config
@@ -34,6 +33,7 @@ from qemupatch.errors import (
     UnknownRelease,
     UserError,
 )
+from qemupatch.records import utc_now
 from qemupatch.run import git, run
 
 TAG_PREFIX = "upstream/"
@@ -150,7 +150,7 @@ class Mirror:
         commit = git(self.path, "commit-tree", tree_id, "-m", message,
                      env=dates).stdout.strip()
         prov = Provenance(kind=kind, origin=origin or str(tarball), sha256=actual,
-                          repacked=repacked, imported_at=_now())
+                          repacked=repacked, imported_at=utc_now())
         return self._tag(name, commit, prov)
 
     def import_git(self, name: str, url: str, ref: str) -> Release:
@@ -165,7 +165,7 @@ class Mirror:
             raise ChecksumMismatch(
                 f"release {name} is already imported as {existing.commit} "
                 f"(from {existing.provenance.origin}); {url} {ref} is {commit}")
-        prov = Provenance(kind="git", origin=url, ref=ref, imported_at=_now())
+        prov = Provenance(kind="git", origin=url, ref=ref, imported_at=utc_now())
         return self._tag(name, commit, prov)
 
     def _same_or_conflict(self, name: str, sha256: str) -> Release | None:
@@ -191,10 +191,6 @@ def _parse_message(message: str) -> Provenance:
         return Provenance(**json.loads(message[start:]))
     except (ValueError, TypeError):
         return Provenance(kind="unknown", origin="(no provenance recorded)")
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # -- fetching -----------------------------------------------------------------

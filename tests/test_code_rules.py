@@ -35,8 +35,35 @@ def test_subprocess_only_in_run_py(path):
     tree = ast.parse(path.read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and getattr(node.value, "id", "") == "subprocess" \
-                and node.attr in ("run", "call", "check_call", "check_output"):
-            pytest.fail(f"{path.name}:{node.lineno}: subprocess.{node.attr}; use qemupatch.run")
+                and node.attr in ("run", "call", "check_call", "check_output", "Popen"):
+            pytest.fail(f"{path.name}:{node.lineno}: subprocess.{node.attr}; "
+                        "use qemupatch.run (run, stream or spawn)")
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
+def test_environment_read_only_by_config(path):
+    """Settings enter once, through config.load; the library takes them as
+    arguments (run.py only passes the environment on to children)."""
+    if path.name in ("config.py", "run.py"):
+        return
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and getattr(node.value, "id", "") == "os" \
+                and node.attr in ("environ", "getenv"):
+            pytest.fail(f"{path.name}:{node.lineno}: os.{node.attr}; add it to config.Settings")
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: p.name)
+def test_one_clock_one_atomic_write_one_junit(path):
+    """Timestamps, atomic files and JUnit XML come from records.py."""
+    if path.name == "records.py":
+        return
+    text = path.read_text()
+    for banned, use in (("datetime.now(", "records.utc_now"),
+                        ("time.strftime(", "records.utc_now"),
+                        ("os.replace(", "records.atomic_write"),
+                        ('"testsuite"', "records.junit_xml")):
+        assert banned not in text, f"{path.name}: {banned} -- use {use}"
 
 
 def test_ruff_finds_no_errors():
