@@ -10,11 +10,11 @@ the project.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from qemupatch.config import Settings
 from qemupatch.errors import CommandFailed, DownloadError
 from qemupatch.run import Completed, run
 
@@ -25,14 +25,19 @@ class Mirrors:
     security: str | None = None
 
 
-def machine_mirrors(root: Path = Path("/")) -> Mirrors:
-    """The Debian mirror (and security mirror) this machine's apt uses.
+def mirrors(settings: Settings, root: Path = Path("/")) -> Mirrors:
+    """The mirrors to use: the ones ``settings`` names (QEMUPATCH_DEBIAN_MIRROR),
+    else the machine's own."""
+    if settings.debian_mirror:
+        return Mirrors(settings.debian_mirror, settings.debian_security_mirror)
+    return machine_mirrors(root)
 
-    ``QEMUPATCH_DEBIAN_MIRROR`` overrides; otherwise the first ``deb`` URI
-    in ``/etc/apt/sources.list.d/*.sources`` (deb822) or the one-line lists.
+
+def machine_mirrors(root: Path = Path("/")) -> Mirrors:
+    """The Debian mirror (and security mirror) this machine's apt uses: the
+    first ``deb`` URI in ``/etc/apt/sources.list.d/*.sources`` (deb822) or
+    the one-line lists.
     """
-    if env := os.environ.get("QEMUPATCH_DEBIAN_MIRROR"):
-        return Mirrors(env, os.environ.get("QEMUPATCH_DEBIAN_SECURITY_MIRROR"))
     entries: list[tuple[str, str]] = []  # (uri, suite)
     apt = root / "etc/apt"
     for path in sorted((apt / "sources.list.d").glob("*.sources")):
@@ -83,19 +88,23 @@ class Apt:
         self.lines = list(lines)
 
     @classmethod
-    def sources(cls, cache_dir: Path, suites: tuple[str, ...]) -> "Apt":
-        """Reaches the source packages of ``suites`` on the machine's mirror."""
-        mirror = machine_mirrors().main
+    def sources(cls, cache_dir: Path, suites: tuple[str, ...],
+                mirror: str | None = None) -> "Apt":
+        """Reaches the source packages of ``suites`` on ``mirror`` (default:
+        the machine's)."""
+        mirror = mirror or machine_mirrors().main
         return cls(cache_dir / "apt" / "sources",
                    [f"deb-src {mirror} {suite} main" for suite in suites])
 
     @classmethod
-    def binaries(cls, cache_dir: Path, suite: str) -> "Apt":
-        """Reaches the binary packages of ``suite`` (the machine's own apt
-        when it is the machine's suite)."""
-        if suite == host_suite():
+    def binaries(cls, cache_dir: Path, suite: str, mirror: str | None = None) -> "Apt":
+        """Reaches the binary packages of ``suite`` on ``mirror`` (the
+        machine's own apt when it is the machine's suite and no mirror is
+        named)."""
+        if suite == host_suite() and not mirror:
             return cls(None)
-        return cls(cache_dir / "apt" / suite, [f"deb {machine_mirrors().main} {suite} main"])
+        mirror = mirror or machine_mirrors().main
+        return cls(cache_dir / "apt" / suite, [f"deb {mirror} {suite} main"])
 
     def options(self) -> tuple[str, ...]:
         if self.state_dir is None:

@@ -152,10 +152,11 @@ def _unpack(deb: Path, root: Path, *, timeout: float = 300) -> Path:
 
 
 def fetch_kernel(kernel: GuestKernel, cache_dir: Path, *, deb: Path | None = None,
-                 timeout: float = 900) -> KernelFiles:
-    """Download (or reuse) and unpack ``kernel.image_package``."""
+                 mirror: str | None = None, timeout: float = 900) -> KernelFiles:
+    """Download (or reuse) and unpack ``kernel.image_package`` (from
+    ``mirror``, default the machine's)."""
     base = cache_dir / "kernels" / kernel.name
-    apt = None if deb else Apt.binaries(cache_dir, kernel.suite)
+    apt = None if deb else Apt.binaries(cache_dir, kernel.suite, mirror)
     debfile = _download(kernel.image_package, base, deb=deb, timeout=timeout, apt=apt)
     root = _unpack(debfile, base / "root")
     # bookworm ships /lib/modules, trixie (merged /usr) /usr/lib/modules
@@ -522,8 +523,9 @@ def make_guest_image(cfg: Config, kernel_name: str | None = None, *,
     config), fetching the Debian packages into ``cfg.cache_dir`` as needed."""
     if not cfg.kernels:
         raise GuestImageError("qemupatch.toml lists no [[kernel]]")
-    kernel = cfg.kernel(kernel_name) if kernel_name else cfg.kernels[0]
-    files = fetch_kernel(kernel, cfg.cache_dir, deb=kernel_deb)
+    kernel = cfg.kernel(kernel_name) if kernel_name else cfg.default_kernel
+    files = fetch_kernel(kernel, cfg.cache_dir, deb=kernel_deb,
+                         mirror=cfg.settings.debian_mirror)
     busybox = fetch_busybox(cfg.cache_dir, deb=busybox_deb)
     return build_image(files, busybox, cfg.cache_dir,
                        vmsocket_module=vmsocket_module, test_program=test_program)

@@ -24,6 +24,12 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def utc_stamp() -> str:
+    """Now as a name part that sorts and never repeats within a run:
+    ``20261127T032125.123456Z`` (backup refs)."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
 def atomic_write(path: Path, data: str | bytes, *, sync: bool = False) -> Path:
     """Write ``path`` through a sibling temporary file and a rename;
     ``sync``: on disk before the rename (state that must survive a crash)."""

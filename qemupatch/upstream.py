@@ -209,7 +209,7 @@ def download(url: str, dest: Path, timeout: float = 600) -> Path:
 
 
 def fetch_debian_orig(version: str, cache: Path, suites=DEBIAN_SUITES,
-                      timeout: float = 900) -> Path:
+                      timeout: float = 900, mirror: str | None = None) -> Path:
     """Download the ``.orig`` tarball of Debian's ``qemu`` ``version``,
     checked against the sha256 in Debian's index.
 
@@ -217,7 +217,7 @@ def fetch_debian_orig(version: str, cache: Path, suites=DEBIAN_SUITES,
     some versions (10.0.2 in bookworm-backports) serve the .orig alone, and
     ``apt-get source`` would fail on their missing .dsc.
     """
-    apt = Apt.sources(cache, suites)
+    apt = Apt.sources(cache, suites, mirror)
     try:
         listing = apt.run("source", "--print-uris", f"qemu={version}", timeout=timeout)
     except CommandFailed as exc:
@@ -266,7 +266,7 @@ def add_release(cfg: Config, mirror: Mirror, name: str, *, kind: str | None = No
         git_url, git_ref = configured.git_url, configured.git_ref
     if kind == "debian":
         assert debian
-        orig = fetch_debian_orig(debian, cfg.cache_dir)
+        orig = fetch_debian_orig(debian, cfg.cache_dir, mirror=cfg.settings.debian_mirror)
         return mirror.import_tarball(name, orig, sha256=sha256, kind="debian",
                                      origin=f"debian:qemu={debian}", repacked=True)
     if kind == "tarball":

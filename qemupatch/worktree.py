@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import git as gitpython
 
 from qemupatch.errors import DirtyWorkTree
+from qemupatch.records import utc_stamp
 from qemupatch.run import git
 
 BRANCH_PREFIX = "qemupatch/"
@@ -86,7 +86,7 @@ class WorkTree:
         tip = self.branch_tip()
         if tip is None:
             return None
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        stamp = utc_stamp()
         ref = f"{BACKUP_PREFIX}{self.branch}/{stamp}"
         git(self.mirror, "update-ref", ref, tip)
         return ref
