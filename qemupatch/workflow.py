@@ -57,20 +57,31 @@ def apply(cfg: Config, base: str | None = None, worktree: Path | None = None) ->
 def build_source(cfg: Config, base: str | None = None) -> tuple[Release, WorkTree, list[str]]:
     """The series applied on ``base`` in a private work tree that builds use
     (``<cache>/pipeline/<base>/src``), never the maintainer's; imports the
-    release first if needed."""
+    release first if needed.
+
+    The series is applied in a second private tree (``.../apply``) and the
+    build tree then checks out the result: git rewrites only the files
+    whose content differs, so a one-line change to the device leaves every
+    other file's mtime alone and an incremental build recompiles one file
+    (resetting the build tree to the base and re-applying would touch every
+    file the series touches, meson.build among them: a reconfigure).
+    """
     series = read_series(cfg.patches_dir)
     name = series_base(cfg, series, base)
     m = mirror(cfg)
     rel = m.find(name) or add_release(cfg, m, name)
-    wt = WorkTree(cfg.mirror_dir, cfg.cache_dir / "pipeline" / name / "src",
-                  f"qemupatch-pipeline/{name}")
-    wt.reset_to(rel.commit, allow_dirty=True)
-    commits = apply_series(wt, series, cfg.patches_dir)
+    staging = WorkTree(cfg.mirror_dir, cfg.cache_dir / "pipeline" / name / "apply",
+                       f"qemupatch-pipeline-apply/{name}")
+    staging.reset_to(rel.commit, allow_dirty=True)
+    commits = apply_series(staging, series, cfg.patches_dir)
     if name == series.base:
-        again = export_series(wt, name, rel.commit, series)
+        again = export_series(staging, name, rel.commit, series)
         if [p.text for p in again.patches] != [p.text for p in series.patches]:
             raise CheckFailed("apply -> export is not byte-identical to patches/ "
                               "(run qemupatch export, or qemupatch check for details)")
+    wt = WorkTree(cfg.mirror_dir, cfg.cache_dir / "pipeline" / name / "src",
+                  f"qemupatch-pipeline/{name}")
+    wt.reset_to(staging.head(), allow_dirty=True)
     return rel, wt, commits
 
 
