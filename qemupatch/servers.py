@@ -1,9 +1,9 @@
 """Host socket servers the guest talks to in the boot test and the benchmark.
 
 All servers listen on UNIX sockets in a private (0700) temporary folder and
-run on one asyncio loop in a background thread.  ``ServerSet`` is a context
-manager: leaving it stops the loop, closes every socket and removes the
-folder.
+run on one asyncio loop in a background thread (``qemupatch.aioloop``).
+``ServerSet`` is a context manager: leaving it stops the loop, closes every
+socket and removes the folder.
 
 Protocols (all integers 8-byte little-endian):
 
@@ -40,11 +40,11 @@ import struct
 import tempfile
 import threading
 from collections.abc import Iterator, Mapping
-from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from qemupatch.aioloop import LoopThread
 from qemupatch.errors import InfraError
 
 FNV_OFFSET = 0xCBF29CE484222325
@@ -257,8 +257,7 @@ class ServerSet:
         self._keep_limit = keep_limit
         self._start_timeout = start_timeout
         self.dir: Path | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._loop: LoopThread | None = None
         self._servers: dict[str, _Server] = {}
 
     @property
@@ -278,10 +277,7 @@ class ServerSet:
         self.dir = Path(tempfile.mkdtemp(prefix="qemupatch-srv-"))
         try:
             self.dir.chmod(0o700)
-            self._loop = asyncio.new_event_loop()
-            self._thread = threading.Thread(target=self._loop.run_forever,
-                                            name="qemupatch-servers", daemon=True)
-            self._thread.start()
+            self._loop = LoopThread("qemupatch-servers")
             for name, kind in self._specs.items():
                 self._servers[name] = _Server(name, kind, self.dir / f"{name}.sock",
                                               fnv_limit=self._fnv_limit,
@@ -305,26 +301,23 @@ class ServerSet:
 
     def _call(self, coro, timeout: float):
         assert self._loop is not None
-        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
         try:
-            return fut.result(timeout)
-        except FutureTimeout:
-            fut.cancel()
-            raise ServerError(f"host servers in {self.dir} did not answer within {timeout} s") from None
+            return self._loop.call(coro, timeout)
+        except TimeoutError:
+            raise ServerError(f"host servers in {self.dir} did not answer "
+                              f"within {timeout} s") from None
         except OSError as exc:
             raise ServerError(f"host servers in {self.dir}: {exc}") from exc
 
     def close(self) -> None:
-        if self._loop is not None and self._thread is not None and self._thread.is_alive():
+        if self._loop is not None:
             try:
                 self._call(self._stop_all(), 10)
             except ServerError:
                 pass
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-        if self._loop is not None and not self._loop.is_running():
-            self._loop.close()
-        self._loop = None
+            finally:
+                self._loop.close()
+                self._loop = None
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir = None
