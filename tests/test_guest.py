@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from qemupatch import debian, guest
+from qemupatch import console, debian, guest
 from qemupatch.errors import GuestImageError
 from qemupatch.guest import Cpio, KernelFiles, build_image, init_script
 from tests.conftest import requires
@@ -104,6 +104,41 @@ def test_init_script_is_valid_shell():
     assert script.index("virtio_ring") < script.index("virtio_console")
     assert "QEMUPATCH-GUEST-DONE rc=$rc" in script and "poweroff -f" in script
     assert "vmsocket-test bench vmsocket /dev/vmsocket0 /dev/vmsocket2 /dev/vmsocket3" in script
+
+
+def test_init_prints_every_marker_the_parser_expects():
+    """The marker contract: /init is built from qemupatch.console's constants
+    and prints each of them; its own lines, run by a shell, parse back."""
+    script = init_script(modules=guest.VIRTIO_MODULES, has_module=True, has_program=True)
+    for marker in console.INIT_MARKERS.values():
+        assert f'"{marker} ' in script or f"/{marker} /" in script, marker
+    lines = script.splitlines()
+    step_def = lines.index(next(ln for ln in lines if ln.startswith("step() {")))
+
+    def printing(marker: str) -> str:
+        return next(ln.strip() for ln in lines if f'echo "{marker} ' in ln)
+
+    replay = "\n".join([
+        "rc=0; nvs=4; uname() { echo 6.1.0-56-amd64; }",
+        *lines[step_def:step_def + 5],
+        printing(console.GUEST_START),
+        "step insmod-virtio PASS",
+        printing(console.PCI),
+        "step insmod-vmsocket FAIL reason=insmod",
+        printing(console.GUEST_DONE)])
+    out = subprocess.run(["sh", "-c", replay], capture_output=True, text=True,
+                         timeout=30, check=True).stdout
+    report = console.parse_console(out)
+    assert report.started and report.kernel == "6.1.0-56-amd64"
+    assert report.vmsocket_pci == 4 and report.done_rc == 1
+    assert [(t.name, t.status) for t in report.tests] == [
+        ("init.insmod-virtio", "pass"), ("init.insmod-vmsocket", "fail")]
+
+
+def test_test_program_prints_the_markers_the_parser_expects():
+    source = (Path(__file__).parents[1] / "guest" / "vmsocket-test.c").read_text()
+    for marker in console.PROGRAM_MARKERS:
+        assert f'printf("{marker} ' in source, marker
 
 
 @needs_busybox
