@@ -5,12 +5,23 @@ on the machine.
 Three stages need Debian: upstream (QEMU's source packages), guest (kernel
 packages of bookworm and trixie) and build (debootstrap of base images). All
 of them take the mirror from here, so no archive host is ever written into
-the project.
+the project::
+
+    mirrors(settings)                        the mirrors to use   -> Mirrors
+    machine_mirrors()                        the machine's apt's  -> Mirrors
+    Apt.sources(...) / Apt.binaries(...)     private apt states   -> Apt
+    debootstrap_rootfs(suite, dest, mirrors, timeout=)
+                                             a minbase rootfs as a tarball
+                                             (images.py imports it as
+                                             debian:<suite>)      -> Path
 """
 
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,3 +150,32 @@ class Apt:
 
     def update(self, timeout: float = 900) -> None:
         run(["apt-get", *self.options(), "update"], timeout=timeout)
+
+
+def debootstrap_rootfs(suite: str, dest: Path, mirrors: Mirrors, *, timeout: float) -> Path:
+    """A ``debootstrap --variant=minbase`` root file system of ``suite``, its
+    apt pointed at ``mirrors``, written as the tarball ``dest``.
+
+    This is how a base image is made when no registry can be pulled.
+    Raises CommandFailed or CommandTimeout (a temporary rootfs beside
+    ``dest`` is removed either way).
+    """
+    deadline = time.monotonic() + timeout
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f"qemupatch-debootstrap-{suite}-", dir=dest.parent))
+    rootfs = work / "rootfs"
+    try:
+        run(["debootstrap", "--variant=minbase", suite, rootfs, mirrors.main],
+            timeout=max(1.0, deadline - time.monotonic()))
+        security = mirrors.security or (
+            mirrors.main + "-security" if mirrors.main.endswith("/debian") else None)
+        sources = [f"deb {mirrors.main} {suite} main",
+                   f"deb {mirrors.main} {suite}-updates main"]
+        if security:
+            sources.append(f"deb {security} {suite}-security main")
+        (rootfs / "etc/apt/sources.list").write_text("\n".join(sources) + "\n")
+        run(["tar", "-C", rootfs, "--numeric-owner", "-cf", dest, "."],
+            timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dest
