@@ -36,7 +36,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from qemupatch.aioloop import LoopThread
+from qemu.qmp import EventListener, QMPClient, QMPError
+
+from qemupatch.aioloop import LoopClosed, LoopThread
 from qemupatch.errors import CommandTimeout, QemuStartError
 from qemupatch.records import write_json
 from qemupatch.run import Process, run, spawn
@@ -77,6 +79,9 @@ class QemuExit:
 
 
 NEVER_STARTED = QemuExit(None, False, "never started")
+# What a QMP call to a QEMU that is exiting or wedged may raise; anything
+# else (Terminated above all) goes through.
+_QMP_GONE = (QMPError, EOFError, OSError, TimeoutError, LoopClosed)
 
 
 class QemuMachine:
@@ -148,7 +153,7 @@ class QemuMachine:
         except TimeoutError:
             raise QemuStartError(self._start_failure(
                 f"QMP did not answer within {timeout:.0f} s")) from None
-        except Exception as exc:  # noqa: BLE001 - EOF, ConnectError: QEMU's log says why
+        except (QMPError, EOFError, OSError) as exc:   # QEMU's log says why
             rc = self._process.wait(1)
             what = (f"QEMU exited with status {rc} during start-up" if rc is not None
                     else f"QMP handshake failed: {exc}")
@@ -167,8 +172,6 @@ class QemuMachine:
         return "\n".join(text.rstrip().splitlines()[-lines:])
 
     async def _connect(self, sock: socket.socket) -> None:
-        from qemu.qmp import QMPClient
-
         client = QMPClient("qemupatch")
         await client.connect(sock)
         self._qmp = client
@@ -176,8 +179,6 @@ class QemuMachine:
         self._pump = asyncio.get_running_loop().create_task(self._pump_events(client))
 
     async def _pump_events(self, client) -> None:
-        from qemu.qmp import EventListener
-
         listener = EventListener()
         with client.listen(listener):
             async for event in listener:
@@ -209,15 +210,13 @@ class QemuMachine:
         """Run one QMP command; every command and answer goes to qmp.jsonl.
         Raises ``qemu.qmp.ExecuteError`` for an error answer and
         TimeoutError when QEMU does not answer."""
-        from qemu.qmp import ExecuteError
-
         self._require(f"qmp({cmd!r})", Runstate.RUNNING, Runstate.SHUTTING_DOWN)
         assert self._loop is not None and self._qmp is not None
         self._note("command", {"execute": cmd, "arguments": dict(args or {})})
         try:
             ret = self._loop.call(self._qmp.execute(cmd, dict(args) if args else None),
                                   timeout)
-        except ExecuteError as exc:
+        except QMPError as exc:
             self._note("error", str(exc))
             raise
         except TimeoutError:
@@ -254,7 +253,7 @@ class QemuMachine:
                     if running:
                         try:
                             self.qmp("quit", timeout=min(5, timeout))
-                        except Exception as exc:  # noqa: BLE001 - QEMU may be wedged
+                        except _QMP_GONE as exc:      # QEMU may be wedged: stop below
                             self._note("error", f"quit failed: {exc}")
                         rc = self._process.wait(timeout)
                     if rc is None:
@@ -275,8 +274,8 @@ class QemuMachine:
             if self._loop is not None:
                 try:
                     self._loop.call(self._close_qmp(), 5)
-                except Exception:  # noqa: BLE001 - best effort on a dead peer
-                    pass
+                except _QMP_GONE:
+                    pass      # best effort on a dead peer
                 self._loop.close()
             self._qmp = None
             if self._sock is not None:

@@ -1,9 +1,10 @@
-"""Boot-test parsing and failure classification.
+"""Boot-test orchestration: failure classification, records, SIGTERM.
 
 The classification tests run the real boot-test code (host servers, QMP
 client, console follower, deadlines) against tests/fakeqemu, a small
-process that speaks QMP and plays a console scenario.  The ``real`` test
-boots the patched QEMU with the real guest.
+process that speaks QMP and plays a console scenario.  The ``real`` tests
+boot the patched QEMU with the real guest.  Console parsing is in
+test_console.py, the machine alone in test_machine.py.
 """
 
 from __future__ import annotations
@@ -20,37 +21,13 @@ from qemupatch import boottest
 from qemupatch.boottest import (BenchRow, Deadlines, bench_table, format_bench_table,
                                 parse_console, run_boot_test)
 from qemupatch.errors import (BootDeadline, GuestCrash, GuestTestFailed,
-                              QemuStartError)
+                              QemuStartError, Terminated)
 from qemupatch.guest import GuestImage
 from guestinputs import real_image, real_inputs, stock_qemu
+from test_console import CONSOLE
 
 FAKE = Path(__file__).parent / "fakeqemu" / "qemu-system-x86_64"
 FAST = Deadlines(qemu_start=10, kernel_boot=10, tests=10, shutdown=5, idle=10)
-
-CONSOLE = """\
-SeaBIOS (version 1.16.2)
-[    0.000000] Linux version 6.1.0-56-amd64
-QEMUPATCH-GUEST-START kernel=6.1.0-56-amd64 vmsocket_module=1 test_program=1
-QEMUPATCH-STEP insmod-virtio PASS
-[    1.2] virtio_console: loaded
-QEMUPATCH-STEP virtio-serial-echo PASS bytes=26
-QEMUPATCH-PCI vmsocket=4
-QEMUPATCH-STEP insmod-vmsocket PASS devices=/dev/vmsocket0,/dev/vmsocket1
-VMSOCKET-TEST short PASS bytes=15
-VMSOCKET-TEST large PASS bytes=3145728 fnv=a1b2c3d4e5f60718 seconds=0.812
-VMSOCKET-TEST many-small PASS count=1000 bytes=100321
-VMSOCKET-TEST reconnect PASS bytes=15
-VMSOCKET-TEST-DONE pass=4 fail=0
-VMSOCKET-TEST connect-refused FAIL errno=ENOENT
-VMSOCKET-BENCH vmsocket g2h size=65536 bytes=33554432 seconds=0.400 mbps=83.9
-VMSOCKET-BENCH virtio-serial g2h size=65536 bytes=33554432 seconds=0.100 mbps=335.5
-VMSOCKET-BENCH vmsocket rtt64 count=2000 usec=50.0
-VMSOCKET-BENCH virtio-serial rtt64 count=2000 usec=130.0
-VMSOCKET-BENCH vmsocket h2g size=4096 FAIL err=EIO
-[    9.1] WARNING: CPU: 0 PID: 1 at drivers/misc/kvm_vmsocket.c:100 probe+0x10
-QEMUPATCH-GUEST-DONE rc=1
-"""
-
 
 def image(tmp_path: Path) -> GuestImage:
     return GuestImage(kernel=tmp_path / "vmlinuz", initramfs=tmp_path / "initrd",
@@ -76,28 +53,7 @@ def fake_run(tmp_path: Path, scenario: str, deadlines: Deadlines = FAST, **kw):
     return result, error, lines, out
 
 
-# ----------------------------------------------------------------- parsing
-
-def test_parse_console_reads_every_line_kind():
-    r = parse_console(CONSOLE)
-    assert r.started and r.kernel == "6.1.0-56-amd64" and r.done_rc == 1
-    assert r.vmsocket_pci == 4 and r.selftest_done == (4, 0)
-    by = {t.name: t for t in r.tests}
-    assert by["large"].status == "pass" and by["large"].get("fnv") == "a1b2c3d4e5f60718"
-    assert by["connect-refused"].status == "fail"
-    assert by["init.insmod-vmsocket"].get("devices") == "/dev/vmsocket0,/dev/vmsocket1"
-    assert r.panic is None
-    assert r.kernel_errors == ("WARNING: CPU: 0 PID: 1 at drivers/misc/kvm_vmsocket.c:100 probe+0x10",)
-    (bad,) = [b for b in r.bench if b.error]
-    assert (bad.channel, bad.kind, bad.size, bad.error) == ("vmsocket", "h2g", 4096, "EIO")
-
-
-def test_parse_console_finds_panic_and_markers_in_noise():
-    r = parse_console("junk\r\n[ 1.0] Kernel panic - not syncing: VFS: Unable to mount root fs\r\n"
-                      "\x1b[0mQEMUPATCH-GUEST-START kernel=x\r\n")
-    assert r.panic == "Kernel panic - not syncing: VFS: Unable to mount root fs"
-    assert r.started and r.done_rc is None
-
+# ------------------------------------------------------------------ reports
 
 def test_bench_table_ratios():
     rows = parse_console(CONSOLE).bench
@@ -118,7 +74,7 @@ def test_bench_table_missing_side():
 def test_qemu_argv_both_spellings(tmp_path):
     paths = {n: tmp_path / f"{n}.sock" for n in
              ("echo", "refused", "sink", "source", "vs-echo", "vs-sink", "vs-source")}
-    common = dict(accel="tcg", console=tmp_path / "c", qmp=tmp_path / "q", paths=paths,
+    common = dict(accel="tcg", console=tmp_path / "c", paths=paths,
                   vmsocket=True, append="console=ttyS0")
     opt = boottest.qemu_argv(Path("q"), image(tmp_path), spelling="option", **common)
     assert [opt[i + 1] for i, a in enumerate(opt) if a == "-vmsocket"] == [
@@ -129,6 +85,7 @@ def test_qemu_argv_both_spellings(tmp_path):
     assert "-vmsocket" not in dev
     for needed in ("-no-reboot", "-nographic", "-S"):
         assert needed in opt
+    assert "-mon" not in opt          # QemuMachine adds QMP on its socketpair
     with pytest.raises(ValueError):
         boottest.qemu_argv(Path("q"), image(tmp_path), spelling="bogus", **common)
 
@@ -143,6 +100,9 @@ def test_fake_ok_passes_and_keeps_artifacts(tmp_path):
         assert (out / name).is_file(), name
     transcript = [json.loads(l) for l in (out / "qmp.jsonl").read_text().splitlines()]
     assert [t["msg"]["execute"] for t in transcript if t["kind"] == "command"] == ["query-pci", "cont"]
+    data = json.loads((out / "boot-test.json").read_text())
+    assert data["status"] == "done" and data["ok"] is True
+    assert not list(out.glob(".*.tmp"))           # written atomically
     assert any("kernel-boot: done" in l for l in lines)
     junit = ET.parse(out / "boot-test.junit.xml").getroot()
     assert junit.get("failures") == "0"
@@ -236,12 +196,46 @@ def test_missing_vmsocket_devices_is_a_start_error(tmp_path):
     assert isinstance(error, QemuStartError) and "expected 4 vmsocket" in str(error)
 
 
+@pytest.mark.parametrize("stage", ["qemu-start", "kernel-boot", "guest-tests", "shutdown"])
+def test_sigterm_at_any_stage_cleans_up_and_says_where(tmp_path, stage, monkeypatch):
+    """A Terminated (the SIGTERM handler raises it in the main thread) goes
+    through; QEMU and the servers are gone and boot-test.json says where."""
+    server_dirs = []
+    real_start = boottest.ServerSet.start
+
+    def start(self):
+        real_start(self)
+        server_dirs.append(self.dir)
+
+    monkeypatch.setattr(boottest.ServerSet, "start", start)
+
+    def progress(msg: str) -> None:
+        if f"] {stage}: " in msg:
+            raise Terminated(15)
+
+    out = tmp_path / "out"
+    with pytest.raises(Terminated):
+        run_boot_test(FAKE, image(tmp_path), out, accel="tcg", deadlines=FAST,
+                      progress=progress, extra_args=["-fake-scenario", "no-poweroff"])
+    data = json.loads((out / "boot-test.json").read_text())
+    assert (data["status"], data["stage"], data["ok"]) == ("terminated", stage, False)
+    assert "SIGTERM" in data["message"]
+    junit = ET.parse(out / "boot-test.junit.xml").getroot()
+    assert "terminated during " + stage in junit.find("system-err").text
+    assert server_dirs and not server_dirs[0].exists()
+    assert str(out / "console.log") not in _processes()
+
+
+def _processes() -> str:
+    return subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True,
+                          timeout=10).stdout
+
+
 def test_no_qemu_survives_the_run(tmp_path):
     """After a watchdog kill, no fake QEMU of this test is left running."""
     dl = Deadlines(qemu_start=10, kernel_boot=30, tests=30, shutdown=5, idle=1)
     fake_run(tmp_path, "silent-hang", dl)
-    ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True, timeout=10).stdout
-    assert str(tmp_path / "out" / "console.log") not in ps
+    assert str(tmp_path / "out" / "console.log") not in _processes()
 
 
 # -------------------------------------------------------------------- real
