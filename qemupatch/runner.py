@@ -38,7 +38,6 @@ from qemupatch.errors import (
     CommandFailed,
     CommandTimeout,
     ContainerKilled,
-    ImageBuildFailed,
     UserError,
 )
 from qemupatch.run import run, stream
@@ -231,8 +230,7 @@ class ContainerRunner(Runner):
             raise UserError(f"no build environment for this build: Dockerfile "
                             f"{spec.dockerfile} is missing")
         image = images.ensure_image(
-            self.engine, spec.dockerfile, buildargs=dict(spec.buildargs),
-            context_files=self._context_files(spec.dockerfile), timeout=timeout,
+            self.engine, spec.dockerfile, buildargs=dict(spec.buildargs), timeout=timeout,
             log_path=log_dir / "image.log", on_line=on_line)
         facts = images.image_facts(self.engine, image, min(300.0, timeout))
         return Environment(
@@ -243,15 +241,6 @@ class ContainerRunner(Runner):
                    "dockerfile_sha256": image.dockerfile_sha256},
             packages=tuple(facts.packages), compiler=facts.compiler,
             tools=tuple(facts.tools))
-
-    def _context_files(self, dockerfile: Path) -> dict[str, Path]:
-        """The host CA bundle, for Dockerfiles that give it to pip (proxies)."""
-        if "host-ca.crt" not in dockerfile.read_text():
-            return {}
-        bundle = self.settings.ca_bundle
-        if not bundle.is_file():
-            raise ImageBuildFailed(f"CA bundle {bundle} not found; set QEMUPATCH_CA_BUNDLE")
-        return {"host-ca.crt": bundle}
 
     def _mounts(self, spec: "BuildSpec") -> list:
         from qemupatch.engine import Mount as EngineMount
