@@ -1,12 +1,14 @@
 """The Debian edge: which mirror this machine's apt uses."""
 
+import shutil
 from dataclasses import astuple
 from pathlib import Path
 
 import pytest
 
-from qemupatch.debian import machine_mirrors
-from qemupatch.errors import DownloadError
+from qemupatch.debian import Mirrors, debootstrap_rootfs, machine_mirrors
+from qemupatch.errors import CommandFailed, DownloadError
+from tests.conftest import requires
 
 
 def test_mirror_from_deb822_sources(tmp_path: Path, monkeypatch) -> None:
@@ -35,3 +37,12 @@ def test_no_mirror_is_explained(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("QEMUPATCH_DEBIAN_MIRROR", raising=False)
     with pytest.raises(DownloadError, match="QEMUPATCH_DEBIAN_MIRROR"):
         astuple(machine_mirrors(tmp_path))
+
+
+@requires(lambda: shutil.which("debootstrap"), "debootstrap is not installed")
+def test_debootstrap_failure_is_a_failed_command_and_leaves_nothing(tmp_path: Path) -> None:
+    """An unreachable mirror fails fast, and the temporary rootfs goes."""
+    dest = tmp_path / "rootfs.tar"
+    with pytest.raises(CommandFailed, match="debootstrap"):
+        debootstrap_rootfs("bookworm", dest, Mirrors("http://127.0.0.1:9/debian"), timeout=120)
+    assert list(tmp_path.iterdir()) == []
