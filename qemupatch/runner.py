@@ -27,6 +27,7 @@ point per build would not allow.  A failed copy is CommandFailed (exit 3).
 from __future__ import annotations
 
 import shlex
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -93,7 +94,7 @@ class RunResult:
     command: tuple[str, ...] = field(default=())
 
 
-class Runner:
+class Runner(ABC):
     """The interface; ``kind`` is "host" or "container", ``name`` the engine."""
 
     name: str
@@ -114,19 +115,24 @@ class Runner:
         with Engine.get(name, settings=settings) as engine:
             yield ContainerRunner(engine)
 
+    @abstractmethod
     def describe(self) -> dict:
-        raise NotImplementedError
+        """What build.json records about where the build ran."""
 
+    @abstractmethod
     def prepare(self, spec: "BuildSpec", *, log_dir: Path, timeout: float,
                 on_line: LineCallback | None = None) -> Environment:
-        raise NotImplementedError
+        """The build environment (image or host compiler), and its facts."""
 
+    @abstractmethod
     def run(self, spec: "BuildSpec", env: Environment, *, scratch: Path, timeout: float,
             log_path: Path, on_line: LineCallback | None = None) -> RunResult:
-        raise NotImplementedError
+        """Run the spec's script: a non-zero exit is returned, never raised
+        (on both runners); the deadline raises ContainerKilled."""
 
+    @abstractmethod
     def cli_command(self, spec: "BuildSpec", env: Environment, *, scratch: Path) -> str:
-        raise NotImplementedError
+        """The same step as a shell command line, for reproduce.sh."""
 
 
 # -- this machine ---------------------------------------------------------------
