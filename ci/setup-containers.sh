@@ -17,7 +17,7 @@
 # Nothing else is configured system-wide: the runtime and the lowered
 # ulimits (nofile=1024, nproc=1000; the defaults fail with "setrlimit:
 # Operation not permitted" here) live in the private CONTAINERS_CONF that
-# qemupatch/container.py writes for its own service.
+# qemupatch/engine.py writes for its own service.
 set -euo pipefail
 
 packages=(podman runc debootstrap fuse-overlayfs uidmap ca-certificates tar)
