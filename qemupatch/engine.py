@@ -540,6 +540,7 @@ class Engine:
                                timeout=int(self.api_timeout))
         responses: list[object] = []
         api.hooks["response"].append(lambda response, **kwargs: responses.append(response))
+
         def items() -> Iterator[object]:
             yield from request(api)     # the request itself, too, in the reader thread
 
