@@ -12,6 +12,8 @@
 #   debootstrap   makes debian:bookworm / debian:trixie base images from the
 #                 machine's own Debian mirror when no registry can be pulled
 #   fuse-overlayfs, uidmap   podman storage helpers
+#   buildah       removes the working container podman keeps of an image build
+#                 abandoned at its deadline (the tests clean theirs up)
 #   ca-certificates  the host CA bundle qemupatch hands to pip in image builds
 #
 # Nothing else is configured system-wide: the runtime and the lowered
@@ -20,7 +22,7 @@
 # qemupatch/engine.py writes for its own service.
 set -euo pipefail
 
-packages=(podman runc debootstrap fuse-overlayfs uidmap ca-certificates tar)
+packages=(podman buildah runc debootstrap fuse-overlayfs uidmap ca-certificates tar)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
