@@ -5,6 +5,7 @@ This module is the orchestration only; the pieces live apart::
     qemupatch.servers     host servers (echo, refused, sink, source, vs-*)
     qemupatch.machine     QEMU, QMP, shutdown, the KVM/TCG probe
     qemupatch.console     the console markers, parser and follower
+    qemupatch.pvh         the guest kernel without its self-decompression
     qemupatch.bootreport  BootResult, boot-test.json, JUnit, the bench table
 
 One boot does everything::
@@ -61,6 +62,7 @@ from qemupatch.errors import (BootDeadline, BootTestError, GuestCrash, GuestTest
                               QemuStartError, Terminated)
 from qemupatch.guest import VPORT_NAMES, GuestImage
 from qemupatch.machine import NEVER_STARTED, QemuExit, QemuMachine, probe_accel
+from qemupatch.pvh import direct_kernel
 from qemupatch.records import atomic_write
 from qemupatch.servers import ServerSet
 
@@ -72,7 +74,11 @@ LARGE_BYTES = 3 << 20
 SHORT_BYTES = len("hello vmsocket\n")
 STAGES = ("qemu-start", "kernel-boot", "guest-tests", "shutdown")
 # The guest's kernel command line, before the qemupatch.* switches for /init.
-KERNEL_ARGS = "console=ttyS0 panic=-1 loglevel=4"
+# Under TCG every boot pays for what the kernel checks and calibrates; a
+# throwaway test guest needs none of: CPU-bug mitigations (also patched in
+# at boot), crypto self-tests, the IO-APIC timer check, the TSC watchdog.
+KERNEL_ARGS = ("console=ttyS0 panic=-1 loglevel=4 mitigations=off cryptomgr.notests "
+               "no_timer_check tsc=reliable")
 
 Progress = Callable[[str], None]
 
@@ -106,13 +112,15 @@ def _opt(value: object) -> str:
 
 def qemu_argv(qemu: Path, image: GuestImage, *, accel: str, console: Path,
               paths: Mapping[str, Path], vmsocket: bool, spelling: str,
-              append: str, extra: Sequence[str] = ()) -> list[str]:
-    """QEMU's command line, without the QMP monitor (``QemuMachine`` adds it)."""
+              append: str, extra: Sequence[str] = (), kernel: Path | None = None
+              ) -> list[str]:
+    """QEMU's command line, without the QMP monitor (``QemuMachine`` adds it).
+    ``kernel``: what to boot instead of ``image.kernel`` (its PVH vmlinux)."""
     argv = [str(qemu), "-S", "-accel", accel, "-m", "512", "-nographic", "-no-reboot",
             "-nic", "none", "-L", "/usr/share/qemu", "-L", "/usr/share/seabios",
             "-monitor", "none", "-parallel", "none",
             "-chardev", f"file,id=console0,path={_opt(console)}", "-serial", "chardev:console0",
-            "-kernel", str(image.kernel), "-initrd", str(image.initramfs),
+            "-kernel", str(kernel or image.kernel), "-initrd", str(image.initramfs),
             "-append", append]
     if vmsocket:
         for i, (name, slot) in enumerate(zip(VMSOCKET_SERVERS, VMSOCKET_SLOTS, strict=True)):
@@ -222,14 +230,17 @@ def run_boot_test(qemu: Path, image: GuestImage, out_dir: Path, *, bench: bool =
     try:
         for name in ("console.log", "qemu.log", "qmp.jsonl", "boot-test.json"):
             (out_dir / name).unlink(missing_ok=True)
+        stages.current = "kernel-unpack"
+        kernel = direct_kernel(image.kernel)
+        context["kernel"] = str(kernel)
         if accel == "auto":
             stages.current = "kvm-probe"
             note("kvm-probe: start")
-            accel = probe_accel(qemu, image.kernel, timeout=deadlines.kvm_probe,
+            accel = probe_accel(qemu, kernel, timeout=deadlines.kvm_probe,
                                 cache_dir=image.kernel.parent)
             note(f"kvm-probe: using {accel}")
         context["accel"] = accel
-        result, error = _boot(qemu, image, out_dir, bench=bench, accel=accel,
+        result, error = _boot(qemu, image, kernel, out_dir, bench=bench, accel=accel,
                               vmsocket=vmsocket, spelling=spelling, tests=tests,
                               deadlines=deadlines, stages=stages, context=context,
                               note=note, extra_args=extra_args, t0=t0)
@@ -259,7 +270,7 @@ def run_boot_test(qemu: Path, image: GuestImage, out_dir: Path, *, bench: bool =
     return result
 
 
-def _boot(qemu: Path, image: GuestImage, out_dir: Path, *, bench: bool, accel: str,
+def _boot(qemu: Path, image: GuestImage, kernel: Path, out_dir: Path, *, bench: bool, accel: str,
           vmsocket: bool, spelling: str, tests: bool, deadlines: Deadlines,
           stages: _Stages, context: dict, note: Progress, extra_args: Sequence[str],
           t0: float) -> tuple[BootResult, BootTestError | None]:
@@ -285,7 +296,7 @@ def _boot(qemu: Path, image: GuestImage, out_dir: Path, *, bench: bool, accel: s
     with ServerSet(specs, fnv_limit=0) as servers:
         argv = qemu_argv(qemu, image, accel=accel, console=console_path,
                          paths=servers.paths, vmsocket=vmsocket, spelling=spelling,
-                         append=append, extra=extra_args)
+                         append=append, extra=extra_args, kernel=kernel)
         console = ConsoleFollower(console_path)
         context["argv"] = argv
         write_running(out_dir, context)
