@@ -73,6 +73,8 @@ VMSOCKET_SLOTS = (0x10, 0x11, 0x12, 0x13)
 LARGE_BYTES = 3 << 20
 SHORT_BYTES = len("hello vmsocket\n")
 STAGES = ("qemu-start", "kernel-boot", "guest-tests", "shutdown")
+OUTPUTS = ("console.log", "qemu.log", "qmp.jsonl", "qemu.cmdline", "query-pci.json",
+           "boot-test.json", "boot-test.junit.xml", "bench.txt")
 # The guest's kernel command line, before the qemupatch.* switches for /init.
 # Under TCG every boot pays for what the kernel checks and calibrates; a
 # throwaway test guest needs none of: CPU-bug mitigations (also patched in
@@ -228,7 +230,7 @@ def run_boot_test(qemu: Path, image: GuestImage, out_dir: Path, *, bench: bool =
     written = False
     stopped_by: BaseException | None = None
     try:
-        for name in ("console.log", "qemu.log", "qmp.jsonl", "boot-test.json"):
+        for name in OUTPUTS:                 # nothing left from an earlier run
             (out_dir / name).unlink(missing_ok=True)
         stages.current = "kernel-unpack"
         kernel = direct_kernel(image.kernel)

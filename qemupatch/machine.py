@@ -331,7 +331,10 @@ def probe_accel(qemu: Path, kernel: Path, *, timeout: float = 15,
             pass
     accel = _probe_cached(key, qemu, kernel, timeout)
     if record is not None:
-        write_json(record, {"accel": accel, "qemu": str(qemu), "kernel": str(kernel)})
+        try:
+            write_json(record, {"accel": accel, "qemu": str(qemu), "kernel": str(kernel)})
+        except OSError:
+            pass          # a read-only cache: the next process probes again
     return accel
 
 
