@@ -1,12 +1,11 @@
 """The vmsocket device's command-line and QMP surface, on the patched QEMU
 built from patches/ (the guest-side behaviour is in test_boottest.py)."""
 
-import asyncio
 import subprocess
 
 import pytest
-from qemu.qmp import QMPClient
 
+from qemupatch.machine import QemuMachine
 from guestinputs import device_qtest, real_inputs
 
 pytestmark = pytest.mark.real
@@ -41,10 +40,9 @@ def test_bad_device_properties(props, needle):
     assert res.returncode != 0 and needle in res.stderr, res.stderr
 
 
-async def _pci_vmsockets(qmp: QMPClient) -> list[dict]:
-    buses = await qmp.execute("query-pci")
+def _pci_vmsockets(machine: QemuMachine) -> list[dict]:
     found = []
-    for bus in buses:
+    for bus in machine.qmp("query-pci"):
         for dev in bus["devices"]:
             ident = dev["id"]
             if (ident["vendor"], ident["device"]) == (0x1AF4, 0x10F0):
@@ -58,49 +56,21 @@ def test_option_readconfig_and_qmp_hotplug(tmp_path):
     conf = tmp_path / "vm.cfg"
     conf.write_text(f'[device "fromconfig"]\n  driver = "vmsocket"\n'
                     f'  path = "{tmp_path}/b.sock"\n')
-    qmp_path = tmp_path / "qmp.sock"
-    proc = subprocess.Popen(
-        [str(real_inputs()[0]), *ROMS, "-machine", "pc", "-accel", "tcg", "-display", "none",
-         "-nodefaults", "-S", "-qmp", f"unix:{qmp_path},server=on,wait=off",
-         "-vmsocket", f"unix:{tmp_path}/a.sock", "-readconfig", str(conf)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    async def drive():
-        for _ in range(100):
-            if qmp_path.exists():
-                break
-            await asyncio.sleep(0.1)
-        qmp = QMPClient("test")
-        quit_sent = False
-        await asyncio.wait_for(qmp.connect(str(qmp_path)), 30)
-        try:
-            assert len(await _pci_vmsockets(qmp)) == 2
-            await qmp.execute("device_add", {"driver": "vmsocket", "id": "hot",
-                                             "path": f"{tmp_path}/c.sock",
-                                             "bus": "pci.0", "addr": "0x10"})
-            devices = await _pci_vmsockets(qmp)
-            assert len(devices) == 3
-            assert {d["class_info"]["class"] for d in devices} == {0x0780}
-            bars = {len(d["regions"]) for d in devices}
-            assert bars == {3}
-            await qmp.execute("quit")
-            quit_sent = True
-        finally:
-            try:
-                await qmp.disconnect()
-            except EOFError:
-                # QEMU closes the socket after quit; qemu.qmp reports that
-                # EOF on disconnect (python/qemu/machine.py ignores it too).
-                if not quit_sent:
-                    raise
-
-    try:
-        asyncio.run(asyncio.wait_for(drive(), 60))
-        assert proc.wait(timeout=30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    argv = [str(real_inputs()[0]), *ROMS, "-machine", "pc", "-accel", "tcg",
+            "-display", "none", "-nodefaults", "-S",
+            "-vmsocket", f"unix:{tmp_path}/a.sock", "-readconfig", str(conf)]
+    with QemuMachine(argv, tmp_path, deadline=120) as machine:
+        machine.launch(30)
+        assert len(_pci_vmsockets(machine)) == 2
+        machine.qmp("device_add", {"driver": "vmsocket", "id": "hot",
+                                   "path": f"{tmp_path}/c.sock", "bus": "pci.0",
+                                   "addr": "0x10"})
+        devices = _pci_vmsockets(machine)
+        assert len(devices) == 3
+        assert {d["class_info"]["class"] for d in devices} == {0x0780}
+        assert {len(d["regions"]) for d in devices} == {3}
+        qexit = machine.shutdown()
+    assert (qexit.returncode, qexit.how) == (0, "quit"), qexit
 
 
 @pytest.mark.timeout(1800)
