@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -269,45 +273,73 @@ def test_real_boot_stock_qemu_without_vmsocket(tmp_path):
     assert result.servers["vs-echo"]["bytes_in"] > 0
 
 
-def test_qemu_dies_with_a_killed_qemupatch(tmp_path):
-    """kill -9 of the process running the boot test takes its QEMU along."""
-    import signal
-    import sys
-    import time
-
+def _boot_in_a_child(tmp_path: Path) -> tuple[subprocess.Popen, Callable[[], list[str]]]:
+    """A qemupatch process booting the fake QEMU into a silent guest, as the
+    CLI runs it (SIGTERM raises Terminated), once its QEMU is up; and a
+    function listing that fake QEMU in ``ps``."""
     script = f"""
 import sys
 sys.path.insert(0, {str(Path(__file__).parents[1])!r})
 from pathlib import Path
 from qemupatch.boottest import Deadlines, run_boot_test
+from qemupatch.errors import Terminated
 from qemupatch.guest import GuestImage
+from qemupatch.lifecycle import stop_on_signals
 img = GuestImage(Path('k'), Path('i'), 'v', 'n', 'd', (), True, True)
-run_boot_test(Path({str(FAKE)!r}), img, Path({str(tmp_path / 'out')!r}), accel='tcg',
-              deadlines=Deadlines(kernel_boot=300, idle=300),
-              extra_args=['-fake-scenario', 'silent-hang'])
+try:
+    with stop_on_signals():
+        run_boot_test(Path({str(FAKE)!r}), img, Path({str(tmp_path / 'out')!r}), accel='tcg',
+                      deadlines=Deadlines(kernel_boot=300, idle=300),
+                      extra_args=['-fake-scenario', 'silent-hang'])
+except Terminated as exc:
+    sys.exit(exc.exit_code)
 """
-    # TMPDIR: the killed process cannot remove its server folder; keep it in tmp_path
+    # TMPDIR: a killed process cannot remove its server folder; keep it in tmp_path
     proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True,
                             env={**os.environ, "TMPDIR": str(tmp_path)})
+    console = tmp_path / "out" / "console.log"
+
+    def fakes() -> list[str]:
+        return [line for line in _processes().splitlines() if str(console) in line]
+
+    deadline = time.monotonic() + 30
+    while not (console.exists() and console.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert console.exists(), "fake QEMU never started"
+    assert fakes()
+    return proc, fakes
+
+
+def _gone(fakes: Callable[[], list[str]]) -> bool:
+    deadline = time.monotonic() + 10
+    while fakes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not fakes()
+
+
+def test_qemu_dies_with_a_killed_qemupatch(tmp_path):
+    """kill -9 of the process running the boot test takes its QEMU along."""
+    proc, fakes = _boot_in_a_child(tmp_path)
     try:
-        console = tmp_path / "out" / "console.log"
-        deadline = time.monotonic() + 30
-        while not (console.exists() and console.stat().st_size) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert console.exists(), "fake QEMU never started"
-
-        def fakes() -> list[str]:
-            ps = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True,
-                                timeout=10).stdout
-            return [line for line in ps.splitlines() if str(console) in line]
-
-        assert fakes()
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        deadline = time.monotonic() + 10
-        while fakes() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not fakes()
+        assert _gone(fakes)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_sigterm_stops_qemu_removes_the_servers_and_records_where(tmp_path):
+    proc, fakes = _boot_in_a_child(tmp_path)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 128 + signal.SIGTERM
+        assert _gone(fakes)
+        assert not list(tmp_path.glob("qemupatch-srv-*"))
+        data = json.loads((tmp_path / "out" / "boot-test.json").read_text())
+        assert (data["status"], data["stage"]) == ("terminated", "kernel-boot")
+        assert [s["name"] for s in data["stages"]] == ["qemu-start"]
     finally:
         if proc.poll() is None:
             proc.kill()
