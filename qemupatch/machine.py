@@ -31,6 +31,7 @@ import os
 import shlex
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,9 +40,9 @@ from pathlib import Path
 from qemu.qmp import EventListener, QMPClient, QMPError
 
 from qemupatch.aioloop import LoopClosed, LoopThread
-from qemupatch.errors import CommandTimeout, QemuStartError
+from qemupatch.errors import CommandFailed, CommandTimeout, QemuStartError
 from qemupatch.records import write_json
-from qemupatch.run import Process, run, spawn
+from qemupatch.run import Process, spawn, stream
 
 
 class Runstate(enum.Enum):
@@ -288,6 +289,9 @@ class QemuMachine:
 # ---------------------------------------------------------------- KVM probe
 
 
+PROBE_IDLE = 3.0
+
+
 def _file_key(path: Path) -> str:
     st = path.stat()
     return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
@@ -311,9 +315,9 @@ def probe_accel(qemu: Path, kernel: Path, *, timeout: float = 15,
 
     The presence of /dev/kvm proves nothing (seen: KVM_CREATE_VM works, then
     the guest hangs), so the probe boots ``kernel`` and expects its first
-    console line and its "no root" panic in time.  A hang costs the whole
-    timeout, so the answer is kept for this process, and in ``cache_dir``
-    for later ones.  KVM working is a property of the host, not of a QEMU
+    console line and its "no root" panic in time.  A hang costs a few
+    seconds of silence (``PROBE_IDLE``), so the answer is kept for this
+    process, and in ``cache_dir`` for later ones.  KVM working is a property of the host, not of a QEMU
     build: the key is QEMU's path (not its contents, so a rebuilt QEMU
     does not pay again), the kernel and the host's boot.
     """
@@ -343,9 +347,12 @@ def _probe(qemu: Path, kernel: Path, timeout: float) -> str:
             "-L", "/usr/share/qemu", "-L", "/usr/share/seabios", "-monitor", "none",
             "-serial", "stdio", "-kernel", kernel,
             "-append", "console=ttyS0 panic=-1 root=/dev/nonexistent"]
-    try:
-        done = run(argv, timeout=timeout, check=False)
-    except CommandTimeout:
-        return "tcg"
-    ok = done.returncode == 0 and "Linux version" in done.output
-    return "kvm" if ok else "tcg"
+    # A booting kernel under KVM prints without pause: PROBE_IDLE s of
+    # silence is the hang, not the whole timeout.
+    with tempfile.TemporaryDirectory(prefix="qemupatch-kvm-probe-") as tmp:
+        try:
+            done = stream(argv, timeout=timeout, idle_timeout=PROBE_IDLE,
+                          log_path=Path(tmp) / "probe.log")
+        except (CommandTimeout, CommandFailed):
+            return "tcg"
+    return "kvm" if "Linux version" in done.output else "tcg"
