@@ -272,13 +272,13 @@ def run_boot_test(qemu: Path, image: GuestImage, out_dir: Path, *, bench: bool =
     return result
 
 
-def _boot(qemu: Path, image: GuestImage, kernel: Path, out_dir: Path, *, bench: bool, accel: str,
-          vmsocket: bool, spelling: str, tests: bool, deadlines: Deadlines,
+def _boot(qemu: Path, image: GuestImage, kernel: Path, out_dir: Path, *, bench: bool,
+          accel: str, vmsocket: bool, spelling: str, tests: bool, deadlines: Deadlines,
           stages: _Stages, context: dict, note: Progress, extra_args: Sequence[str],
           t0: float) -> tuple[BootResult, BootTestError | None]:
     """The boot itself: servers, QEMU, the stages, the cross-checks; the
     result, and the error that describes it when it failed."""
-    specs = {name: ("refused" if name == "refused" else name) for name in VMSOCKET_SERVERS}
+    specs = {name: name for name in VMSOCKET_SERVERS}     # each one's kind is its name
     specs.update({f"vs-{k}": k for k in VPORT_NAMES})
     append = (f"{KERNEL_ARGS} qemupatch.tests={int(tests)} "
               f"qemupatch.bench={int(bench)} qemupatch.timeout={int(deadlines.test_program)}")

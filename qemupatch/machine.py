@@ -317,9 +317,10 @@ def probe_accel(qemu: Path, kernel: Path, *, timeout: float = 15,
     the guest hangs), so the probe boots ``kernel`` and expects its first
     console line and its "no root" panic in time.  A hang costs a few
     seconds of silence (``PROBE_IDLE``), so the answer is kept for this
-    process, and in ``cache_dir`` for later ones.  KVM working is a property of the host, not of a QEMU
-    build: the key is QEMU's path (not its contents, so a rebuilt QEMU
-    does not pay again), the kernel and the host's boot.
+    process, and in ``cache_dir`` for later ones.  KVM working is a
+    property of the host, not of a QEMU build: the key is QEMU's path (not
+    its contents, so a rebuilt QEMU does not pay again), the kernel and the
+    host's boot.
     """
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "tcg"
