@@ -108,7 +108,6 @@ class QemuMachine:
         self._pump = None
         self._sock: socket.socket | None = None
         self._transcript = None
-        self._events: list[dict] = []
         self._t0 = time.monotonic()
 
     def _require(self, call: str, *states: Runstate) -> None:
@@ -183,7 +182,6 @@ class QemuMachine:
         listener = EventListener()
         with client.listen(listener):
             async for event in listener:
-                self._events.append(dict(event))
                 self._note("event", dict(event))
 
     async def _close_qmp(self) -> None:
@@ -225,10 +223,6 @@ class QemuMachine:
             raise
         self._note("return", ret)
         return ret
-
-    @property
-    def events(self) -> list[dict]:
-        return list(self._events)
 
     def poll(self) -> int | None:
         return self._process.poll() if self._process else None
