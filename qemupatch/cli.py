@@ -3,18 +3,19 @@
 Each subcommand is a function registered with ``@command``; its name and help
 come from the function and its docstring.  Exit codes come from the error
 classes in errors.py (0 ok, 1 failed/conflict, 2 bad input, 3 infrastructure,
-20-24 boot-test stages, 30-33 builds).
+20-24 boot-test stages, 30-34 builds, 130/143 stopped by SIGINT/SIGTERM).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from qemupatch import config, report, workflow
+from qemupatch import config, lifecycle, report, workflow
 from qemupatch.errors import CheckFailed, QemupatchError, UserError
 from qemupatch.rebase import Rebase
 from qemupatch.upstream import add_release
@@ -187,31 +188,43 @@ def cmd_rebase(ns: argparse.Namespace, cfg: config.Config) -> int:
         help="where to compile: a container engine (auto: Docker if running, else a "
              "private podman service) or the host"),
     arg("--kernel", help="also build the guest module for this [[kernel]] name"),
+    arg("--timeout", type=float, default=3600, help="deadline of each build, seconds"),
     arg("--out", type=Path, default=Path("out/build"), help="artifacts folder"),
 )
 def cmd_build(ns: argparse.Namespace, cfg: config.Config) -> int:
     """Build QEMU with the series (and the guest module) inside a container."""
     from qemupatch import build
+    from qemupatch.runner import Runner
 
     rel, wt, _ = workflow.build_source(cfg, ns.base)
-    res = build.build_qemu(wt.path, ns.out / "qemu", release=rel.name,
-                           repacked=rel.provenance.repacked, engine=ns.engine,
-                           patches=cfg.patches_dir)
-    say(f"qemu: {res.binary} ({res.engine}, {res.seconds:.0f} s, provenance {res.build_json})")
-    if ns.kernel:
-        ko = build.build_module(cfg.root / "guest" / "kvm_vmsocket", cfg.kernel(ns.kernel),
-                                ns.out / f"module-{ns.kernel}", engine=ns.engine,
-                                patches=cfg.patches_dir)
-        say(f"module: {ko}")
+    with Runner.get(ns.engine, cfg.settings) as runner:
+        res = build.build_qemu(
+            wt.path, ns.out / "qemu", release=rel.name, repacked=rel.provenance.repacked,
+            runner=runner, project_root=cfg.root, patches=cfg.patches_dir,
+            options=build.QemuBuildOptions(ccache_dir=cfg.cache_dir / "ccache-host",
+                                           timeout=ns.timeout))
+        say(f"qemu: {res.binary} ({res.runner}, {res.seconds:.0f} s, "
+            f"provenance {res.build_json})")
+        if ns.kernel:
+            ko = build.build_module(cfg.root / "guest" / "kvm_vmsocket", cfg.kernel(ns.kernel),
+                                    ns.out / f"module-{ns.kernel}", runner=runner,
+                                    project_root=cfg.root, patches=cfg.patches_dir)
+            say(f"module: {ko.binary}")
     return 0
 
 
 @command(
     arg("--qemu", type=Path, required=True, help="the patched qemu-system-x86_64"),
-    arg("--module", type=Path, required=True, help="kvm_vmsocket.ko for the guest kernel"),
-    arg("--program", type=Path, required=True, help="the static vmsocket-test binary"),
+    arg("--module", type=Path, help="kvm_vmsocket.ko for the guest kernel "
+        "(without it the guest boots and reports the vmsocket tests as skipped)"),
+    arg("--program", type=Path, help="the static vmsocket-test binary"),
     arg("--kernel", help="[[kernel]] name from qemupatch.toml (default: the first)"),
     arg("--bench", action="store_true", help="also measure vmsocket against virtio-serial"),
+    arg("--accel", choices=["auto", "kvm", "tcg"], default="auto",
+        help="auto: KVM if a short probe boots, else TCG"),
+    arg("--idle", type=float, help="console watchdog: fail after this many silent seconds"),
+    arg("--qemu-arg", action="append", default=[], metavar="ARG",
+        help="one more QEMU argument (repeatable), e.g. --qemu-arg=-cpu --qemu-arg=max"),
     arg("--out", type=Path, default=Path("out/boot-test"), help="results folder"),
 )
 def cmd_boot_test(ns: argparse.Namespace, cfg: config.Config) -> int:
@@ -220,7 +233,12 @@ def cmd_boot_test(ns: argparse.Namespace, cfg: config.Config) -> int:
 
     img = guest.make_guest_image(cfg, ns.kernel, vmsocket_module=ns.module,
                                  test_program=ns.program)
-    res = boottest.run_boot_test(ns.qemu, img, ns.out, bench=ns.bench, progress=progress)
+    deadlines = boottest.Deadlines()
+    if ns.idle is not None:
+        deadlines = dataclasses.replace(deadlines, idle=ns.idle)
+    res = boottest.run_boot_test(ns.qemu, img, ns.out, bench=ns.bench, accel=ns.accel,
+                                 deadlines=deadlines, extra_args=ns.qemu_arg,
+                                 progress=progress)
     say(f"boot test: {'PASS' if res.ok else 'FAIL'} ({res.message}); results in {ns.out}")
     return res.exit_code
 
@@ -252,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "rebases, container builds and boot tests.",
         epilog="exit codes: 0 ok, 1 failed or conflict, 2 bad input, 3 infrastructure, "
                "20-24 boot test (image, qemu, guest boot, guest tests, deadline), "
-               "30-33 build (no engine, image, compile, killed)")
+               "30-34 build (no engine, image, compile, killed, engine API), "
+               "130/143 stopped by SIGINT/SIGTERM (cleaned up, records written)")
     parser.add_argument("-C", dest="root", type=Path, help="project folder (default: search up)")
     parser.add_argument("--cache", type=Path,
                         help="cache folder (default: $QEMUPATCH_CACHE or ~/.cache/qemupatch)")
@@ -273,11 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if ns.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = config.load(ns.root, ns.cache)
-        return ns.handler(ns, cfg)
+        with lifecycle.stop_on_signals():
+            cfg = config.load(ns.root, ns.cache)
+            return ns.handler(ns, cfg)
     except QemupatchError as exc:
         print(f"qemupatch: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:           # a SIGINT before the handler was set
         print("qemupatch: interrupted", file=sys.stderr)
         return 130

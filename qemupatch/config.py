@@ -166,7 +166,7 @@ def load(root: Path | None = None, cache_dir: Path | None = None,
     return Config(
         root=root,
         patches_dir=root / project.get("patches", "patches"),
-        cache_dir=cache_dir or default_cache_dir(env),
+        cache_dir=(cache_dir or default_cache_dir(env)).absolute(),
         default_release=default_release,
         releases=tuple(releases),
         prefer=prefer,

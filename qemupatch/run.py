@@ -62,6 +62,25 @@ def _kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
         pass
 
 
+STOP_GRACE = 5.0
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = STOP_GRACE) -> int:
+    """SIGTERM the group, then SIGKILL after ``grace`` seconds; reap.
+
+    SIGTERM first because some children keep grandchildren in process
+    groups of their own (ninja does, for every job) and only clean those up
+    when asked; a SIGKILL would orphan them."""
+    if proc.poll() is None:
+        _kill_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    _kill_group(proc, signal.SIGKILL)   # whatever is left in the group
+    return proc.wait()
+
+
 def _die_with_parent() -> Callable[[], None] | None:
     """A preexec_fn asking Linux to SIGKILL the child when the thread that
     started it dies (PR_SET_PDEATHSIG), so a ``kill -9`` of qemupatch
@@ -114,12 +133,11 @@ def run(
     try:
         out, err = proc.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
+        _stop_group(proc)
         out, err = proc.communicate()
         raise CommandTimeout(args, timeout, _text(out) + _text(err)) from None
     except BaseException:
-        _kill_group(proc)
-        proc.wait()
+        _stop_group(proc)
         raise
     done = Completed(args, proc.returncode, _text(out), _text(err),
                      time.monotonic() - start)
@@ -178,7 +196,7 @@ def stream(
                 elif idle_timeout and now - last_output[0] > idle_timeout:
                     reason.append("idle")
                 if reason:
-                    _kill_group(proc)
+                    _stop_group(proc)
                     return
                 time.sleep(0.2)
 
@@ -195,8 +213,7 @@ def stream(
                     on_line(line.rstrip("\n"))
             proc.wait()
         except BaseException:
-            _kill_group(proc)
-            proc.wait()
+            _stop_group(proc)
             raise
         finally:
             dog.join(timeout=1)
@@ -270,12 +287,7 @@ class Process:
     def stop(self, grace: float = 10.0) -> int:
         """End the process group (SIGTERM, then SIGKILL after ``grace`` s)
         and reap the process; returns its exit status."""
-        if self.popen.poll() is None:
-            _kill_group(self.popen, signal.SIGTERM)
-            if self.wait(grace) is None:
-                _kill_group(self.popen, signal.SIGKILL)
-        rc = self.popen.wait()
-        _kill_group(self.popen, signal.SIGKILL)   # stragglers left in the group
+        rc = _stop_group(self.popen, grace)
         self._done.set()
         return rc
 

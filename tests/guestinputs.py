@@ -27,6 +27,7 @@ QTEST = "tests/qtest/vmsocket-test"
 @functools.cache
 def _built() -> tuple[Path, Path, Path, Path]:
     from qemupatch import build, config, workflow
+    from qemupatch.runner import Runner
     from qemupatch.series import read_series
 
     cfg = config.load(REPO)
@@ -34,15 +35,19 @@ def _built() -> tuple[Path, Path, Path, Path]:
     out = cfg.cache_dir / "test-artifacts" / digest
     qemu = out / "qemu" / "qemu-system-x86_64"
     qtest = out / "qemu" / Path(QTEST).name
-    if not (qemu.exists() and qtest.exists()):
-        rel, wt, _ = workflow.build_source(cfg)
-        qemu = build.build_qemu(wt.path, out / "qemu", release=rel.name,
-                                repacked=rel.provenance.repacked, patches=cfg.patches_dir,
-                                extra_targets=(QTEST,)).binary
-    kernel = cfg.kernels[0]
-    module = build.build_module(REPO / "guest" / "kvm_vmsocket", kernel,
-                                out / f"module-{kernel.name}", patches=cfg.patches_dir)
-    prog = build.build_guest_program(REPO / "guest" / "vmsocket-test.c", out / "program")
+    kernel = cfg.default_kernel
+    with Runner.get("auto", cfg.settings) as runner:
+        if not (qemu.exists() and qtest.exists()):
+            rel, wt, _ = workflow.build_source(cfg)
+            qemu = build.build_qemu(
+                wt.path, out / "qemu", release=rel.name, repacked=rel.provenance.repacked,
+                runner=runner, project_root=cfg.root, patches=cfg.patches_dir,
+                options=build.QemuBuildOptions(extra_targets=(QTEST,))).binary
+        module = build.build_module(REPO / "guest" / "kvm_vmsocket", kernel,
+                                    out / f"module-{kernel.name}", runner=runner,
+                                    project_root=cfg.root, patches=cfg.patches_dir).binary
+        prog = build.build_guest_program(REPO / "guest" / "vmsocket-test.c", out / "program",
+                                         runner=runner, project_root=cfg.root).binary
     return qemu, module, prog, qtest
 
 

@@ -352,12 +352,15 @@ def test_real_boot_trixie_612_guest(tmp_path):
     """The driver on Debian's 6.12 kernel, built with trixie's compiler in
     the trixie container, in a real boot of the patched QEMU."""
     from qemupatch import build, config, guest
+    from qemupatch.runner import Runner
 
     qemu, _, prog = real_inputs()
     cfg = config.load(Path(__file__).parents[1])
     kernel = cfg.kernel("6.12")
-    module = build.build_module(Path(__file__).parents[1] / "guest" / "kvm_vmsocket", kernel,
-                                tmp_path / "module-6.12")
+    with Runner.get("auto", cfg.settings) as runner:
+        module = build.build_module(cfg.root / "guest" / "kvm_vmsocket", kernel,
+                                    tmp_path / "module-6.12", runner=runner,
+                                    project_root=cfg.root).binary
     img = guest.make_guest_image(cfg, "6.12", vmsocket_module=module, test_program=prog)
     assert img.kernel_version.startswith("6.12")
     result = run_boot_test(qemu, img, tmp_path / "out", progress=None)

@@ -2,8 +2,10 @@
 build, boot with -vmsocket unix:, guest and host checks."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -34,3 +36,90 @@ def test_pipeline_main_job(tmp_path):
     boot_json = json.loads((out / "boot-test" / "boot-test.json").read_text())
     assert boot_json["ok"] is True
     assert "PASS" in res.stdout
+
+
+def _leftovers(marker: str) -> list[str]:
+    """Containers, podman services, overlay mounts and QEMUs qemupatch left."""
+    found = []
+    ps = subprocess.run(["ps", "-eo", "pid,args", "-ww"], capture_output=True, text=True,
+                        timeout=30).stdout
+    for line in ps.splitlines():
+        if "podman system service" in line and "qemupatch-podman-" in line:
+            found.append(f"podman service: {line.strip()}")
+        if "qemu-system" in line and marker in line:
+            found.append(f"QEMU: {line.strip()}")
+    containers = subprocess.run(
+        ["podman", "--runtime", "runc", "ps", "-a", "--filter",
+         "label=org.qemupatch.build", "--format", "{{.ID}} {{.Command}}"],
+        capture_output=True, text=True, timeout=120).stdout
+    found += [f"container: {c}" for c in containers.splitlines() if c.strip()]
+    mounts = subprocess.run(["findmnt", "-rn", "-t", "overlay", "-o", "TARGET"],
+                            capture_output=True, text=True, timeout=30).stdout
+    found += [f"mount: {m}" for m in mounts.splitlines() if "qemupatch-overlay" in m]
+    return found
+
+
+def _stop_pipeline_when(out, reached, what: str, timeout: float = 900) -> dict:
+    """Start the pipeline, SIGTERM it once ``reached()`` holds, return pipeline.json."""
+    proc = subprocess.Popen([sys.executable, "-m", "qemupatch", "pipeline", "--out", str(out)],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    record = out / "pipeline.json"
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"the pipeline ended before {what}: {proc.communicate()}")
+            data = json.loads(record.read_text()) if record.exists() else {}
+            if reached(data):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"the pipeline never reached {what}")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert "SIGTERM" in err
+    return json.loads(record.read_text())
+
+
+def _container_running() -> bool:
+    out = subprocess.run(["podman", "--runtime", "runc", "ps", "--filter",
+                          "label=org.qemupatch.build", "--format", "{{.ID}}"],
+                         capture_output=True, text=True, timeout=120).stdout
+    return bool(out.strip())
+
+
+def _qemu_running(marker: str) -> bool:
+    ps = subprocess.run(["ps", "-eo", "args", "-ww"], capture_output=True, text=True,
+                        timeout=30).stdout
+    return any("qemu-system" in line and marker in line for line in ps.splitlines())
+
+
+@pytest.mark.timeout(3600)
+def test_sigterm_during_build_and_boot_leaves_nothing_behind(tmp_path):
+    """kill -TERM (what CI sends on cancel) during the QEMU build and during
+    the boot: exit 143, no container, podman service, overlay mount or QEMU
+    left, and pipeline.json says where it stopped."""
+    out = tmp_path / "pipeline"
+    # A fresh out dir is a fresh build dir: the compile runs long enough to be caught.
+    data = _stop_pipeline_when(
+        out, lambda d: d.get("running_stage") == "build-qemu" and _container_running(),
+        "a running build container")
+    assert data["status"] == "terminated" and data["stopped_at"] == "build-qemu"
+    assert data["error"] == "Terminated"
+    assert [s["name"] for s in data["stages"]] == STAGES[:2] and not data["stages"][-1]["ok"]
+    build_json = json.loads((out / "work" / "qemu" / "build.json").read_text())
+    assert build_json["status"] == "terminated"
+    assert not _leftovers(str(out)), _leftovers(str(out))
+
+    data = _stop_pipeline_when(
+        out, lambda d: d.get("running_stage") == "boot-test" and _qemu_running(str(out)),
+        "a running QEMU")
+    assert data["status"] == "terminated" and data["stopped_at"] == "boot-test"
+    boot_json = json.loads((out / "boot-test" / "boot-test.json").read_text())
+    assert boot_json["ok"] is False and boot_json["status"] != "running"
+    assert not _leftovers(str(out)), _leftovers(str(out))
