@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qemupatch import config, lifecycle, report, workflow
-from qemupatch.errors import CheckFailed, QemupatchError, UserError
+from qemupatch.errors import CheckFailed, QemupatchError, Terminated, UserError
 from qemupatch.rebase import Rebase
 from qemupatch.upstream import add_release
 
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         with lifecycle.stop_on_signals():
             cfg = config.load(ns.root, ns.cache)
             return ns.handler(ns, cfg)
-    except QemupatchError as exc:
+    except (QemupatchError, Terminated) as exc:
         print(f"qemupatch: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:           # a SIGINT before the handler was set

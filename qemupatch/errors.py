@@ -20,8 +20,13 @@ errors to codes; the CLI only reads ``exc.exit_code``::
      +-- BootTestError                  20-24, one per boot-test stage
      +-- BuildError                     30-34: no engine, image, compile, killed,
      |                                         engine API failure
+
+    BaseException
      +-- Terminated                     130 (SIGINT), 143 (SIGTERM): stopped on
-                                        request; cleanup done, records written
+                                        request; cleanup done, records written.
+                                        Like KeyboardInterrupt it is no Exception,
+                                        so no "except Exception" cleanup or
+                                        wrapper can swallow or rename it.
 
 Each error carries its context (command, exit code, log tail) so that the
 message alone tells a maintainer what happened.
@@ -181,7 +186,7 @@ class EngineError(BuildError):
     exit_code = 34
 
 
-class Terminated(QemupatchError):
+class Terminated(BaseException):
     """A SIGTERM or SIGINT asked qemupatch to stop; raised in the main
     thread so that every ``finally`` runs (containers, QEMU, the podman
     service and overlay mounts go; records are written)."""
