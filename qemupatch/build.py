@@ -256,8 +256,9 @@ def _qemu_script(standins: list[str], jobs: int, configure_args: tuple[str, ...]
                  targets: tuple[str, ...]) -> str:
     lines = ["set -eu",
              # Debian's ccache package links no plain "cc"; configure --cc=gcc
-             # goes through this wrapper.
-             "export PATH=/usr/lib/ccache:$PATH",
+             # goes through this wrapper.  HOST_TOOLS (host runner): the
+             # folder of qemupatch's own Python, whose venv has meson.
+             'export PATH="/usr/lib/ccache:${HOST_TOOLS:+$HOST_TOOLS:}$PATH"',
              'export CCACHE_BASEDIR="$SRC"']
     if standins:
         names = " ".join(shlex.quote(s) for s in standins)

@@ -118,8 +118,14 @@ class _Recorder:
 
 def run_pipeline(cfg: Config, out_dir: Path, *, release: str | None = None,
                  kernel: str | None = None, engine: str = "auto", bench: bool = False,
+                 qemu_options: build.QemuBuildOptions | None = None,
                  say: Callable[[str], None] = print) -> PipelineResult:
-    """Import, apply, build, boot and test; raises the failing stage's error."""
+    """Import, apply, build, boot and test; raises the failing stage's error.
+
+    ``qemu_options``: how QEMU is built (default: ccache in depend mode, the
+    shared ccache volume, the host ccache under the cache folder)."""
+    qemu_options = qemu_options or build.QemuBuildOptions(
+        ccache_dir=cfg.cache_dir / "ccache-host")
     series = read_series(cfg.patches_dir)
     rel_name = release or series.base or cfg.default_release
     kern = cfg.kernel(kernel) if kernel else cfg.default_kernel
@@ -139,8 +145,7 @@ def run_pipeline(cfg: Config, out_dir: Path, *, release: str | None = None,
                 res = build.build_qemu(
                     wt.path, work / "qemu", release=rel_name,
                     repacked=rel.provenance.repacked, runner=runner,
-                    project_root=cfg.root, patches=cfg.patches_dir,
-                    options=build.QemuBuildOptions(ccache_dir=cfg.cache_dir / "ccache-host"))
+                    project_root=cfg.root, patches=cfg.patches_dir, options=qemu_options)
                 figures = {"engine": res.runner, "compile_s": round(res.seconds, 1),
                            "image_s": round(res.image_seconds, 1), "version": res.version,
                            "sha256": res.sha256.get(build.QEMU_BINARY, "")[:16]}

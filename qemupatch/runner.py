@@ -27,6 +27,7 @@ point per build would not allow.  A failed copy is CommandFailed (exit 3).
 from __future__ import annotations
 
 import shlex
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -173,7 +174,8 @@ class HostRunner(Runner):
         argv = ["bash", "-c", spec.script]
         try:
             done = stream(argv, timeout=timeout, idle_timeout=spec.idle_timeout,
-                          log_path=log_path, env={**spec.env, **paths}, on_line=on_line)
+                          log_path=log_path, env={**spec.env, **paths, **self._tools()},
+                          on_line=on_line)
         except CommandFailed as exc:
             return RunResult(exc.returncode, exc.output, 0.0, tuple(argv))
         except CommandTimeout as exc:
@@ -181,8 +183,14 @@ class HostRunner(Runner):
                                   f"full log: {log_path}") from exc
         return RunResult(done.returncode, done.output, done.seconds, tuple(argv))
 
+    @staticmethod
+    def _tools() -> dict[str, str]:
+        """QEMU's configure runs ``python3`` from PATH and needs meson: the
+        Python running qemupatch (its venv has meson) comes first."""
+        return {"HOST_TOOLS": str(Path(sys.executable).parent)}
+
     def cli_command(self, spec: "BuildSpec", env: Environment, *, scratch: Path) -> str:
-        assigned = {**spec.env, **self.paths(spec, scratch)}
+        assigned = {**spec.env, **self.paths(spec, scratch), **self._tools()}
         return " ".join(["env", *(shlex.quote(f"{k}={v}") for k, v in assigned.items()),
                          "bash", "-c", shlex.quote(spec.script)])
 
