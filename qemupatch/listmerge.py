@@ -9,7 +9,9 @@ three-way merge stops on a conflict that is not one: the patch only
 conflicting region only in that case; anything else stays a conflict for a
 maintainer.
 
-    merge(base, ours, theirs) -> ListMerge      text in, text out, plus why
+    merge(base, ours, theirs, recorded) -> ListMerge   text in, text out, plus why
+    recordable(base, ours, theirs, resolved)            a maintainer's resolutions,
+                                                        region by region, to record
 
 * ``base`` is the file the patch was made on, ``ours`` the file in the new
   release (with the patches before applied), ``theirs`` base with the patch
@@ -26,13 +28,20 @@ maintainer.
   (b) else right after the line (for a block: the section) they followed
       in base, or right before the line they preceded;
   (c) else nowhere: the whole file is refused.
+
+* A region whose two sides (:func:`conflict_key`) match a resolution a
+  maintainer made before (:class:`Recorded`, git's rerere is the model) is
+  replayed from it instead; :func:`recordable` cuts a resolved file into
+  those per-region resolutions.
 """
 
 from __future__ import annotations
 
 import bisect
 import difflib
+import hashlib
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 SORTED, AFTER_ANCHOR, BEFORE_ANCHOR = "sorted", "after-anchor", "before-anchor"
@@ -74,24 +83,95 @@ class _Refused(Exception):
     pass
 
 
-def merge(base: str, ours: str, theirs: str) -> ListMerge:
-    """Three-way merge of one file, resolving pure list insertions."""
+@dataclass(frozen=True)
+class Recorded:
+    """A maintainer's resolution of one conflict region, kept in the
+    repository and replayed when the same conflict comes back."""
+
+    name: str  # where it is kept, for the report
+    upstream: tuple[str, ...]  # upstream's side of the region
+    patch: tuple[str, ...]  # the patch's side
+    resolution: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        return conflict_key(self.upstream, self.patch)
+
+
+def conflict_key(upstream: Sequence[str], patch: Sequence[str]) -> str:
+    """The same conflict gives the same key wherever it is in the file;
+    whitespace at line ends does not count."""
+    h = hashlib.sha256()
+    for side in (upstream, patch):
+        for line in side:
+            h.update(line.rstrip().encode() + b"\n")
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+def merge(base: str, ours: str, theirs: str,
+          recorded: Mapping[str, Recorded] | None = None) -> ListMerge:
+    """Three-way merge of one file: each conflict region is replayed from
+    ``recorded`` (by :func:`conflict_key`) or resolved as list insertions."""
     b, o, t = (x.splitlines(keepends=True) for x in (base, ours, theirs))
     out, stable, conflicts = _merge_lines(b, o, t)
     if not conflicts:
         return ListMerge("".join(out), "no conflict")
+    edits = []  # (start, end, order, lines, rule): out[start:end] becomes lines
     try:
-        placements = [pl for c in conflicts for pl in _place_conflict(b, t, out, stable, c)]
+        for c in conflicts:
+            rec = (recorded or {}).get(conflict_key(out[c.s:c.e], t[c.t0:c.t1]))
+            if rec is not None:
+                edits.append((c.s, c.e, c.t0, list(rec.resolution), f"recorded:{rec.name}"))
+            else:
+                edits += [(p, p, order, lines, rule)
+                          for p, order, lines, rule in _place_conflict(b, t, out, stable, c)]
+        _check_disjoint(edits)
     except _Refused as exc:
         return ListMerge(None, str(exc))
-    # Insert from the bottom up so earlier positions stay valid; at one
+    # Edit from the bottom up so earlier positions stay valid; at one
     # position, keep the patch's order.
-    for p, _, lines, _ in sorted(placements, key=lambda x: (x[0], x[1]), reverse=True):
-        out[p:p] = lines
-    placed = tuple(Placed(tuple(lines), rule) for _, _, lines, rule in placements)
+    for start, end, _, lines, _ in sorted(edits, key=lambda x: (x[0], x[2]), reverse=True):
+        out[start:end] = lines
+    placed = tuple(Placed(tuple(lines), rule) for _, _, _, lines, rule in edits)
     rules = sorted({pl.rule for pl in placed})
-    return ListMerge("".join(out), f"{len(placed)} list insertion(s) placed ({', '.join(rules)})",
+    return ListMerge("".join(out), f"{len(conflicts)} conflict(s) resolved ({', '.join(rules)})",
                      placed)
+
+
+def _check_disjoint(edits) -> None:
+    for start, end, *_ in edits:
+        if any(start < other < end for other, *_ in edits):
+            raise _Refused("an insertion falls inside a region replayed from a recorded "
+                           "resolution")
+
+
+def recordable(base: str, ours: str, theirs: str,
+               resolved: str) -> list[tuple[tuple[str, ...], ...]] | None:
+    """What a maintainer made of each conflict region of this merge, as
+    ``(upstream, patch, resolution)`` line tuples; None when the resolved
+    file also differs outside the regions (nothing safe to replay)."""
+    b, o, t = (x.splitlines(keepends=True) for x in (base, ours, theirs))
+    r = resolved.splitlines(keepends=True)
+    out, _, conflicts = _merge_lines(b, o, t)
+    at = _matches(out, r)
+    # Each region in r lies between the shared lines around it in out.
+    bounds = []
+    for c in conflicts:
+        start = at.get(c.s - 1, -2) + 1 if c.s > 0 else 0
+        end = at.get(c.e, -1) if c.e < len(out) else len(r)
+        if start < 0 or end < start:
+            return None
+        bounds.append((start, end))
+    rebuilt, last_out = [], 0
+    for c, (start, end) in zip(conflicts, bounds):
+        rebuilt += out[last_out:c.s] + r[start:end]
+        last_out = c.e
+    rebuilt += out[last_out:]
+    if rebuilt != r:
+        return None
+    return [(tuple(out[c.s:c.e]), tuple(t[c.t0:c.t1]), tuple(r[start:end]))
+            for c, (start, end) in zip(conflicts, bounds)]
 
 
 # -- three-way merge on lines ---------------------------------------------------

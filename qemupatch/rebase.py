@@ -15,6 +15,14 @@ point (even by ``kill -9``) can be resumed or aborted with nothing lost:
 
 The series is copied into the state folder when the rebase starts, so
 editing ``patches/`` meanwhile changes nothing.
+
+Conflicts that are not hand work are resolved on the way, file by file,
+and reported as replayed: a region a maintainer resolved before (kept in
+``patches/resolutions/``, one plain-text file per conflict, written when a
+rebase stopped there is continued), else the patch's pure insertions into
+a list upstream also edited (:mod:`qemupatch.listmerge`).  Only when every
+unmerged file is resolved does the patch go on; else it is a conflict as
+before.
 """
 
 from __future__ import annotations
@@ -29,15 +37,19 @@ from pathlib import Path
 
 from unidiff import PatchSet
 
+from qemupatch import listmerge
 from qemupatch import report as rpt
 from qemupatch.errors import DirtyWorkTree, RebaseStateError, SeriesError
+from qemupatch.listmerge import Recorded
 from qemupatch.records import atomic_write, utc_now
-from qemupatch.report import BaseRef, PatchOutcome, RebaseReport
+from qemupatch.report import BaseRef, PatchOutcome, RebaseReport, Resolution
 from qemupatch.series import Patch, Series, read_series, write_series
 from qemupatch.upstream import Mirror
 from qemupatch.worktree import WorkTree
 
 STATE_SCHEMA = 1
+RESOLUTIONS = "resolutions"  # in patches/: recorded conflict resolutions
+LIST_INSERT = "list-insert"
 
 Progress = Callable[[str], None]
 
@@ -71,6 +83,7 @@ class Rebase:
         self.cache_dir = cache_dir
         self.patches_dir = patches_dir
         self.state_dir = cache_dir / "rebase"
+        self.resolutions_dir = patches_dir / RESOLUTIONS
         self.progress = progress or (lambda msg: None)
 
     # -- state file ----------------------------------------------------------
@@ -169,6 +182,8 @@ class Rebase:
             outcome = dict(stop["outcome"])
             outcome.update(resolved=resolved, commit=wt.head() if resolved else None,
                            seconds=outcome["seconds"] + time.monotonic() - start)
+            if resolved and (kept := self._record(wt, stop, state)):
+                outcome["detail"] += f"; resolution recorded in {', '.join(kept)}"
             if not resolved:
                 outcome.update(outcome=rpt.DROPPED,
                                detail="conflict resolved to no change: dropped")
@@ -231,7 +246,8 @@ class Rebase:
             if stopped:
                 state.in_progress = None
                 state.stopped = {"index": i, "name": patch.name,
-                                 "head": outcome.pop("_head"), "outcome": outcome}
+                                 "head": outcome.pop("_head"),
+                                 "stages": outcome.pop("_stages"), "outcome": outcome}
                 self.save(state)
                 rep = self._report(state, "stopped", series)
                 self._tell_stop(rep, wt, patch)
@@ -278,7 +294,20 @@ class Rebase:
         if res.empty:
             wt.am_abort()
             return done(rpt.DROPPED, "already upstream: nothing left after merge"), False
-        conflict_files = wt.unmerged_files() or _rejected_files(res.output, patch)
+        stages = wt.unmerged_stages()
+        if stages and (resolutions := self._resolve(wt, stages)) is not None:
+            res = wt.am_continue()
+            if res.applied:
+                new_text = wt.format_patches(f"{head}")[0]
+                return done(rpt.MERGED, "resolved automatically: " + _describe(resolutions),
+                            commit=wt.head(), range_diff=range_diff(patch, new_text),
+                            resolutions=resolutions), False
+            if res.empty:
+                wt.am_abort()
+                return done(rpt.DROPPED, "already upstream: nothing left after resolving "
+                            "the conflicts"), False
+        conflict_files = wt.unmerged_files() or list(stages) or _rejected_files(res.output,
+                                                                                  patch)
         failed = failing_hunks(wt, patch, conflict_files, head)
         info = done(rpt.CONFLICT, f"conflict in {', '.join(conflict_files) or 'the patch'}",
                     conflict_files=conflict_files, failed_hunks=failed)
@@ -288,20 +317,64 @@ class Rebase:
             info["detail"] += " (skipped: --keep-going)"
             return info, False
         info["_head"] = head
+        info["_stages"] = stages
         return info, True
+
+    # -- conflicts that are not hand work ----------------------------------------
+
+    def _resolve(self, wt: WorkTree, stages: dict) -> list[dict] | None:
+        """Resolve every unmerged file (recorded resolutions, then list
+        insertions) and ``git add`` them; None, touching nothing, if any
+        file needs a maintainer."""
+        recorded = load_recorded(self.resolutions_dir)
+        merged = {}
+        for path, ids in stages.items():
+            texts = _texts(wt, ids)
+            if texts is None:
+                self.progress(f"  {path}: left for a maintainer: deleted on one side, "
+                              "added on both, or not text")
+                return None
+            res = listmerge.merge(*texts, recorded)
+            if res.text is None:
+                self.progress(f"  {path}: left for a maintainer: {res.reason}")
+                return None
+            merged[path] = res
+        for path, res in merged.items():
+            (wt.path / path).write_bytes(res.text.encode())
+        wt.add(list(merged))
+        return [asdict(Resolution(path, LIST_INSERT if p.rule in _LIST_RULES else p.rule,
+                                  p.rule if p.rule in _LIST_RULES else "",
+                                  tuple(x.rstrip("\r\n") for x in p.lines)))
+                for path, res in merged.items() for p in res.placed]
+
+    def _record(self, wt: WorkTree, stop: dict, state: RebaseState) -> list[str]:
+        """Keep what the maintainer made of each conflict region of the
+        stopped patch, so that the next rebase replays it."""
+        kept = []
+        for path, ids in stop.get("stages", {}).items():
+            texts = _texts(wt, ids)
+            resolved_id = wt.blob_id("HEAD", path)
+            if texts is None or resolved_id is None:
+                continue
+            regions = listmerge.recordable(*texts, wt.blob(resolved_id).decode("utf-8", "replace"))
+            if regions is None:
+                self.progress(f"  {path}: the resolution changes lines outside the conflicts: "
+                              "not recorded")
+                continue
+            for upstream, patch_side, resolution in regions:
+                header = {"file": path, "patch": stop["name"], "onto": state.new_base["name"],
+                          "recorded": utc_now()}
+                saved = write_recorded(self.resolutions_dir, header, upstream, patch_side,
+                                       resolution)
+                kept.append(f"{RESOLUTIONS}/{saved.name}")
+        return kept
 
     # -- reporting ---------------------------------------------------------------
 
     def _report(self, state: RebaseState, status: str, series: Series) -> RebaseReport:
-        outcomes = [PatchOutcome(**{**o, "files": tuple(o.get("files", ())),
-                                    "conflict_files": tuple(o.get("conflict_files", ())),
-                                    "failed_hunks": tuple(o.get("failed_hunks", ()))})
-                    for o in state.outcomes]
+        outcomes = [_outcome(o) for o in state.outcomes]
         if state.stopped is not None:
-            o = state.stopped["outcome"]
-            outcomes.append(PatchOutcome(**{**o, "files": tuple(o["files"]),
-                                            "conflict_files": tuple(o["conflict_files"]),
-                                            "failed_hunks": tuple(o["failed_hunks"])}))
+            outcomes.append(_outcome(state.stopped["outcome"]))
         outcomes = _mark_at_risk(outcomes)
         return RebaseReport(
             old_base=BaseRef(**state.old_base), new_base=BaseRef(**state.new_base),
@@ -320,6 +393,79 @@ class Rebase:
             + "  resolve the files, `git add` them, then: qemupatch rebase --continue\n"
             "  or leave the patch out: qemupatch rebase --skip\n"
             "  or undo everything: qemupatch rebase --abort")
+
+
+def _outcome(o: dict) -> PatchOutcome:
+    """An outcome as saved in the state file, back as a record."""
+    return PatchOutcome(**{
+        **o, "files": tuple(o.get("files", ())),
+        "conflict_files": tuple(o.get("conflict_files", ())),
+        "failed_hunks": tuple(o.get("failed_hunks", ())),
+        "resolutions": tuple(Resolution(**{**r, "lines": tuple(r["lines"])})
+                             for r in o.get("resolutions", ())),
+    })
+
+
+_LIST_RULES = (listmerge.SORTED, listmerge.AFTER_ANCHOR, listmerge.BEFORE_ANCHOR)
+
+
+def _texts(wt: WorkTree, ids: tuple) -> tuple[str, str, str] | None:
+    """Base, ours and theirs of an unmerged file, if all three are text."""
+    if None in ids:
+        return None
+    try:
+        return tuple(wt.blob(i).decode("utf-8") for i in ids)
+    except UnicodeDecodeError:
+        return None
+
+
+def _describe(resolutions: list[dict]) -> str:
+    """"list insertion in MAINTAINERS, docs/x.rst; recorded resolution in y"."""
+    parts = []
+    for kind, label in ((LIST_INSERT, "list insertion"), ("recorded:", "recorded resolution")):
+        files = sorted({r["file"] for r in resolutions if r["how"].startswith(kind)})
+        if files:
+            parts.append(f"{label} in {', '.join(files)}")
+    return "; ".join(parts)
+
+
+# -- recorded resolutions (git's rerere, kept in the repository) -------------------
+
+
+def write_recorded(folder: Path, header: dict[str, str], upstream: tuple[str, ...],
+                   patch: tuple[str, ...], resolution: tuple[str, ...]) -> Path:
+    """One plain-text file per conflict, named by its key: a header, then
+    each side and the resolution, every line behind one space."""
+    def section(name: str, lines: tuple[str, ...]) -> str:
+        return f"--- {name}\n" + "".join(f" {x.rstrip(chr(13) + chr(10))}\n" for x in lines)
+
+    text = ("# A conflict resolution recorded by qemupatch rebase; replayed when the same\n"
+            "# conflict (upstream's and the patch's side) comes back.\n"
+            + "".join(f"{k}: {v}\n" for k, v in header.items())
+            + section("upstream", upstream) + section("patch", patch)
+            + section("resolution", resolution))
+    return atomic_write(folder / f"{listmerge.conflict_key(upstream, patch)}.txt", text)
+
+
+def load_recorded(folder: Path) -> dict[str, Recorded]:
+    """The recorded resolutions by conflict key."""
+    recorded = {}
+    for path in sorted(folder.glob("*.txt")):
+        sections: dict[str, list[str]] = {}
+        current = None
+        for line in path.read_text().splitlines():
+            if line.startswith("--- "):
+                current = sections.setdefault(line[4:], [])
+            elif current is not None:
+                current.append(line[1:] + "\n")
+        rec = Recorded(f"{RESOLUTIONS}/{path.name}", *(tuple(sections.get(k, ()))
+                                                       for k in ("upstream", "patch",
+                                                                 "resolution")))
+        if rec.key != path.stem:
+            raise SeriesError(f"{path}: its sides do not match its name (key {rec.key}); "
+                              "edit only the resolution part, or remove the file")
+        recorded[rec.key] = rec
+    return recorded
 
 
 def _hunk_positions(text: str) -> list[tuple[str, int, int]]:

@@ -28,6 +28,19 @@ class BaseRef:
 
 
 @dataclass(frozen=True)
+class Resolution:
+    """A conflict the rebase resolved by itself, in one file."""
+
+    file: str
+    how: str  # "list-insert" or "recorded:<file in patches/resolutions/>"
+    rule: str  # list-insert: sorted, after-anchor or before-anchor
+    lines: tuple[str, ...]  # the lines inserted (or the recorded resolution)
+
+    def label(self) -> str:
+        return f"{self.how} ({self.rule})" if self.rule else self.how
+
+
+@dataclass(frozen=True)
 class PatchOutcome:
     index: int  # 1-based position in the old series
     name: str
@@ -42,6 +55,7 @@ class PatchOutcome:
     commit: str | None = None
     range_diff: str = ""  # empty: no real change against the old patch
     seconds: float = 0.0
+    resolutions: tuple[Resolution, ...] = ()  # conflicts resolved without a maintainer
 
 
 @dataclass(frozen=True)
@@ -91,6 +105,12 @@ def rebase_markdown(rep: RebaseReport) -> str:
             lines += ["", f"## Conflict in patch {o.index}: {o.subject}", ""]
             lines += [f"- conflicting file: {f}" for f in o.conflict_files]
             lines += [f"- hunk that does not apply: {h}" for h in o.failed_hunks]
+    replayed = [(o, r) for o in rep.outcomes for r in o.resolutions]
+    if replayed:
+        lines += ["", "## Resolutions replayed", ""]
+    for o, r in replayed:
+        lines += [f"- patch {o.index} ({o.subject}), `{r.file}`: {r.label()}", "",
+                  "  ```diff", *[f"  +{x}" for x in r.lines], "  ```", ""]
     changed = [o for o in rep.outcomes if o.range_diff]
     lines += ["", "## Range-diff (real changes only)", ""]
     if not changed:
@@ -116,9 +136,11 @@ def rebase_junit(rep: RebaseReport) -> str:
                       + ("\n".join(o.failed_hunks) or o.detail))
         elif o.outcome == SKIPPED:
             status, detail = SKIP, o.detail or "skipped by request"
+        replayed = "".join(f"resolved {r.file}: {r.label()}\n" + "".join(f"+{x}\n" for x in r.lines)
+                           for r in o.resolutions)
         cases.append(Case(f"rebase.{rep.new_base.name}", f"{o.index:03d} {o.subject}",
                           status, o.seconds, detail,
-                          f"outcome: {o.outcome}\n{o.detail}\n{o.range_diff}"))
+                          f"outcome: {o.outcome}\n{o.detail}\n{replayed}{o.range_diff}"))
     return junit_xml(f"rebase onto {rep.new_base.name}", cases)
 
 

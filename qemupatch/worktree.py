@@ -73,6 +73,29 @@ class WorkTree:
         out = git(self.path, "diff", "--name-only", "--diff-filter=U").stdout
         return [line for line in out.splitlines() if line]
 
+    def unmerged_stages(self) -> dict[str, tuple[str | None, str | None, str | None]]:
+        """Each unmerged path's blob ids at index stages 1, 2, 3 (base, ours,
+        theirs); None for a side that has no such file."""
+        out = git(self.path, "ls-files", "--unmerged", "-z").stdout
+        stages: dict[str, list[str | None]] = {}
+        for entry in filter(None, out.split("\0")):
+            meta, path = entry.split("\t", 1)
+            _, blob_id, stage = meta.split()
+            stages.setdefault(path, [None, None, None])[int(stage) - 1] = blob_id
+        return {path: (ids[0], ids[1], ids[2]) for path, ids in stages.items()}
+
+    def blob(self, blob_id: str) -> bytes:
+        """A blob's exact bytes (no newline translation)."""
+        return self.repo().git.cat_file("blob", blob_id, stdout_as_string=False,
+                                        strip_newline_in_stdout=False)
+
+    def blob_id(self, rev: str, path: str) -> str | None:
+        res = git(self.path, "rev-parse", "--verify", "--quiet", f"{rev}:{path}", check=False)
+        return res.stdout.strip() or None
+
+    def add(self, paths: list[str]) -> None:
+        git(self.path, "add", "--", *paths)
+
     def am_in_progress(self) -> bool:
         if not self.exists():
             return False

@@ -1,7 +1,7 @@
 """listmerge: the patch's insertions carried into lists upstream changed,
 and every other conflict refused."""
 
-from qemupatch.listmerge import AFTER_ANCHOR, BEFORE_ANCHOR, SORTED, merge
+from qemupatch.listmerge import AFTER_ANCHOR, BEFORE_ANCHOR, SORTED, Recorded, merge, recordable
 
 
 def text(*lines: str) -> str:
@@ -142,3 +142,27 @@ def test_refuses_an_insertion_already_upstream_in_a_sorted_list():
     ours = text(*meson("a", "b", "bb", "c"))
     res = merge(base, ours, theirs)
     assert res.text is None and "already upstream" in res.reason
+
+
+def test_a_recorded_resolution_is_cut_out_and_replayed():
+    base = text("a", "b", "c")
+    ours, theirs = text("a", "B upstream", "c"), text("a", "B patch", "c")
+    resolved = text("a", "B upstream and patch", "c")
+    [(upstream, patch, resolution)] = recordable(base, ours, theirs, resolved)
+    assert (upstream, patch, resolution) == (("B upstream\n",), ("B patch\n",),
+                                              ("B upstream and patch\n",))
+    rec = Recorded("0123.txt", upstream, patch, resolution)
+    # Elsewhere in a longer file, with different base lines: the same key.
+    res = merge(text("x", "a", "b", "c"), text("x", "a", "B upstream  ", "c"),
+                text("x", "a", "B patch", "c"), {rec.key: rec})
+    assert res.text == text("x", "a", "B upstream and patch", "c")
+    assert [p.rule for p in res.placed] == ["recorded:0123.txt"]
+    # A different conflict is not replayed.
+    res = merge(base, text("a", "B other", "c"), theirs, {rec.key: rec})
+    assert res.text is None
+
+
+def test_a_resolution_that_edits_outside_the_conflict_is_not_recordable():
+    base = text("a", "b", "c")
+    ours, theirs = text("a", "B upstream", "c"), text("a", "B patch", "c")
+    assert recordable(base, ours, theirs, text("A edited", "B both", "c")) is None
