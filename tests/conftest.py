@@ -156,3 +156,89 @@ def project(tmp_path: Path) -> Project:
         commit_change(wt, file, key, subject)
     workflow.export(cfg, "v1.0.0")
     return proj
+
+
+# A second synthetic upstream pair, for conflicts that are not hand work:
+# the series and upstream both add to the same lists.
+def meson_list(*names: str) -> str:
+    return "".join(f"system_ss.add(when: 'CONFIG_{n}', if_true: files('{n.lower()}.c'))\n"
+                   for n in names)
+
+
+def toctree(*names: str) -> str:
+    return ".. toctree::\n   :maxdepth: 1\n\n" + "".join(f"   devices/{n}.rst\n" for n in names)
+
+
+def maintainers(*titles: str) -> str:
+    return "".join(f"{t}\nM: Someone <someone@example.org>\nS: Maintained\n"
+                   f"F: hw/{t.split()[0].lower()}.c\n\n" for t in titles)
+
+
+LISTS_V1 = {
+    "meson.build": "# devices\n" + meson_list("ALPHA", "GAMMA", "ZETA"),
+    "index.rst": toctree("alpha", "gamma"),
+    "MAINTAINERS": maintainers("Alpha", "Gamma", "Zeta"),
+    "real.c": lines("R"),
+}
+
+LISTS_V2 = {
+    # Upstream adds RHO where the series adds SOCKET, and beta to the toctree
+    # end, renames the section the series' new one precedes, and changes the
+    # line the series changes (a real conflict).
+    "meson.build": "# devices\n" + meson_list("ALPHA", "GAMMA", "RHO", "ZETA"),
+    "index.rst": toctree("alpha", "beta", "gamma", "omega"),
+    "MAINTAINERS": maintainers("Alpha", "Gamma", "Zeta and friends"),
+    "real.c": lines("R", R5="R5 changed upstream"),
+}
+
+# (subject, {file: content after the patch}) of the series on v2.0.0.
+LISTS_PATCHES = [
+    ("lists: add the socket device to the build and the docs", {
+        "meson.build": "# devices\n" + meson_list("ALPHA", "GAMMA", "SOCKET", "ZETA"),
+        "index.rst": toctree("alpha", "gamma", "socket"),
+    }),
+    ("maintainers: add the socket section", {
+        "MAINTAINERS": maintainers("Alpha", "Gamma", "Socket", "Zeta"),
+    }),
+    ("real: change a line upstream changed too", {
+        "real.c": lines("R", R5="R5 patched"),
+    }),
+]
+
+
+def commit_files(wt: WorkTree, files: dict[str, str], subject: str) -> None:
+    for name, text in files.items():
+        (wt.path / name).write_text(text)
+    git(wt.path, "add", *files)
+    git(wt.path, "commit", "-q", "-m",
+        f"{subject}\n\nWhy: exercise a list conflict.\n\n"
+        "Signed-off-by: Test Maintainer <maintainer@example.org>",
+        env={"GIT_AUTHOR_NAME": "Test Maintainer", "GIT_AUTHOR_EMAIL": "maintainer@example.org",
+             "GIT_AUTHOR_DATE": "2026-01-02T03:04:05+0100"})
+
+
+@pytest.fixture
+def lists_project(tmp_path: Path) -> Project:
+    """A project with releases v2.0.0 and v2.1.0 and a three-patch series on
+    v2.0.0: two patches whose conflicts are list insertions, one real
+    conflict."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    tarballs = {
+        "v2.0.0": make_tarball(tmp_path / "up-2.0.0.tar.gz", "up-2.0.0", LISTS_V1),
+        "v2.1.0": make_tarball(tmp_path / "up-2.1.0.tar.gz", "up-2.1.0", LISTS_V2),
+    }
+    write_config(root, tarballs)
+    (root / "qemupatch.toml").write_text(
+        (root / "qemupatch.toml").read_text().replace('"v1.0.0"', '"v2.0.0"'))
+    proj = Project(root, tmp_path / "cache", tarballs)
+    cfg = proj.cfg
+    m = workflow.mirror(cfg)
+    for name, path in tarballs.items():
+        m.import_tarball(name, path)
+    wt = proj.worktree("v2.0.0")
+    wt.reset_to(m.get("v2.0.0").commit)
+    for subject, files in LISTS_PATCHES:
+        commit_files(wt, files, subject)
+    workflow.export(cfg, "v2.0.0")
+    return proj

@@ -203,3 +203,86 @@ def test_kill_9_then_abort(project):
     project.cli("rebase", "--abort")
     wt = project.worktree("v1.1.0")
     assert not wt.exists() and wt.branch_tip() is None
+
+
+# -- conflicts that are not hand work (the lists_project fixture) ---------------
+
+
+def test_list_insertions_are_resolved_and_reported(lists_project):
+    from tests.conftest import maintainers, meson_list, toctree
+    report_dir = lists_project.root / "rep"
+    lists_project.cli("rebase", "--onto", "v2.1.0", "--keep-going",
+                      "--report-dir", str(report_dir), check_code=1)
+    data = json.loads((report_dir / "rebase.json").read_text())
+    assert [o["outcome"] for o in data["outcomes"]] == ["merged", "merged", "conflict"]
+    lists, section, real = data["outcomes"]
+    assert lists["detail"] == "resolved automatically: list insertion in index.rst, meson.build"
+    assert sorted((r["file"], r["how"], r["rule"], tuple(r["lines"]))
+                  for r in lists["resolutions"]) == [
+        ("index.rst", "list-insert", "sorted", ("   devices/socket.rst",)),
+        ("meson.build", "list-insert", "sorted",
+         ("system_ss.add(when: 'CONFIG_SOCKET', if_true: files('socket.c'))",))]
+    assert [(r["file"], r["rule"]) for r in section["resolutions"]] == [
+        ("MAINTAINERS", "after-anchor")]
+    # A real conflict is still a conflict, with nothing resolved.
+    assert real["conflict_files"] == ["real.c"] and real["resolutions"] == []
+    wt = lists_project.worktree("v2.1.0")
+    assert (wt.path / "meson.build").read_text() == "# devices\n" + meson_list(
+        "ALPHA", "GAMMA", "RHO", "SOCKET", "ZETA")
+    assert (wt.path / "index.rst").read_text() == toctree("alpha", "beta", "gamma", "omega",
+                                                          "socket")
+    assert (wt.path / "MAINTAINERS").read_text() == maintainers(
+        "Alpha", "Gamma", "Socket", "Zeta and friends")
+    assert wt.dirty_files() == []
+    md = (report_dir / "rebase.md").read_text()
+    assert "## Resolutions replayed" in md
+    assert "- patch 1 (lists: add the socket device to the build and the docs), `meson.build`: " \
+           "list-insert (sorted)" in md
+    assert "+   devices/socket.rst" in md
+    suite = ET.parse(report_dir / "rebase.junit.xml").getroot()
+    out = suite.find("testcase/system-out").text
+    assert "resolved meson.build: list-insert (sorted)" in out
+
+
+def test_a_real_conflict_still_stops_then_its_resolution_is_recorded_and_replayed(
+        lists_project):
+    res = lists_project.cli("rebase", "--onto", "v2.1.0", check_code=1)
+    assert "CONFLICT in patch 3" in res.stderr and "real.c" in res.stderr
+    wt = lists_project.worktree("v2.1.0")
+    assert "<<<<<<<" in (wt.path / "real.c").read_text()
+    # The maintainer keeps both changes.
+    (wt.path / "real.c").write_text(
+        lines_with("R5 changed upstream, patched"))
+    git(wt.path, "add", "real.c")
+    res = lists_project.cli("rebase", "--continue")
+    kept = sorted((lists_project.patches / "resolutions").glob("*.txt"))
+    assert len(kept) == 1
+    text = kept[0].read_text()
+    assert "file: real.c\n" in text and "--- upstream\n R5 changed upstream\n" in text
+    assert "--- patch\n R5 patched\n--- resolution\n R5 changed upstream, patched\n" in text
+    assert f"resolution recorded in resolutions/{kept[0].name}" in res.stdout
+    # Rebasing again replays it: no stop, nothing left for a maintainer.
+    rep = rebase(lists_project).start("v2.1.0")
+    assert rep.status == "complete" and not rep.unresolved_conflicts
+    real = rep.outcomes[2]
+    assert real.outcome == "merged"
+    assert real.detail == "resolved automatically: recorded resolution in real.c"
+    assert [(r.file, r.how) for r in real.resolutions] == [
+        ("real.c", f"recorded:resolutions/{kept[0].name}")]
+    assert (wt.path / "real.c").read_text() == lines_with("R5 changed upstream, patched")
+
+
+def test_a_tampered_recorded_resolution_is_refused(lists_project):
+    from qemupatch.errors import SeriesError
+    from qemupatch.rebase import load_recorded, write_recorded
+    folder = lists_project.patches / "resolutions"
+    path = write_recorded(folder, {"file": "real.c"}, ("up\n",), ("patch\n",), ("both\n",))
+    assert list(load_recorded(folder)) == [path.stem]
+    path.write_text(path.read_text().replace(" patch\n", " other\n"))
+    with pytest.raises(SeriesError, match="do not match its name"):
+        load_recorded(folder)
+
+
+def lines_with(r5: str) -> str:
+    from tests.conftest import lines
+    return lines("R", R5=r5)
