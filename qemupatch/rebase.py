@@ -295,7 +295,8 @@ class Rebase:
             wt.am_abort()
             return done(rpt.DROPPED, "already upstream: nothing left after merge"), False
         stages = wt.unmerged_stages()
-        if stages and (resolutions := self._resolve(wt, stages)) is not None:
+        resolutions, left = self._resolve(wt, stages) if stages else (None, [])
+        if resolutions is not None:
             res = wt.am_continue()
             if res.applied:
                 new_text = wt.format_patches(f"{head}")[0]
@@ -310,7 +311,7 @@ class Rebase:
                                                                                   patch)
         failed = failing_hunks(wt, patch, conflict_files, head)
         info = done(rpt.CONFLICT, f"conflict in {', '.join(conflict_files) or 'the patch'}",
-                    conflict_files=conflict_files, failed_hunks=failed)
+                    conflict_files=conflict_files, failed_hunks=failed, unresolved=left)
         if state.keep_going:
             wt.am_abort()
             wt.reset_to(head, allow_dirty=True)
@@ -322,37 +323,37 @@ class Rebase:
 
     # -- conflicts that are not hand work ----------------------------------------
 
-    def _resolve(self, wt: WorkTree, stages: dict) -> list[dict] | None:
+    def _resolve(self, wt: WorkTree, stages: dict) -> tuple[list[dict] | None, list[str]]:
         """Resolve every unmerged file (recorded resolutions, then list
-        insertions) and ``git add`` them; None, touching nothing, if any
-        file needs a maintainer."""
+        insertions) and ``git add`` them.  Returns the resolutions (None,
+        touching nothing, if any file needs a maintainer) and why each
+        file left needs one."""
         recorded = load_recorded(self.resolutions_dir)
-        merged = {}
+        merged, left = {}, []
         for path, ids in stages.items():
-            texts = _texts(wt, ids)
-            if texts is None:
-                self.progress(f"  {path}: left for a maintainer: deleted on one side, "
-                              "added on both, or not text")
-                return None
-            res = listmerge.merge(*texts, recorded)
-            if res.text is None:
-                self.progress(f"  {path}: left for a maintainer: {res.reason}")
-                return None
-            merged[path] = res
+            texts, why = _texts(wt, ids)
+            res = listmerge.merge(*texts, recorded) if texts else None
+            if res is None or res.text is None:
+                left.append(f"{path}: {why or res.reason}")
+                self.progress(f"  left for a maintainer: {left[-1]}")
+            else:
+                merged[path] = res
+        if left:
+            return None, left
         for path, res in merged.items():
             (wt.path / path).write_bytes(res.text.encode())
         wt.add(list(merged))
         return [asdict(Resolution(path, LIST_INSERT if p.rule in _LIST_RULES else p.rule,
                                   p.rule if p.rule in _LIST_RULES else "",
                                   tuple(x.rstrip("\r\n") for x in p.lines)))
-                for path, res in merged.items() for p in res.placed]
+                for path, res in merged.items() for p in res.placed], []
 
     def _record(self, wt: WorkTree, stop: dict, state: RebaseState) -> list[str]:
         """Keep what the maintainer made of each conflict region of the
         stopped patch, so that the next rebase replays it."""
         kept = []
         for path, ids in stop.get("stages", {}).items():
-            texts = _texts(wt, ids)
+            texts, _ = _texts(wt, ids)
             resolved_id = wt.blob_id("HEAD", path)
             if texts is None or resolved_id is None:
                 continue
@@ -401,6 +402,7 @@ def _outcome(o: dict) -> PatchOutcome:
         **o, "files": tuple(o.get("files", ())),
         "conflict_files": tuple(o.get("conflict_files", ())),
         "failed_hunks": tuple(o.get("failed_hunks", ())),
+        "unresolved": tuple(o.get("unresolved", ())),
         "resolutions": tuple(Resolution(**{**r, "lines": tuple(r["lines"])})
                              for r in o.get("resolutions", ())),
     })
@@ -409,14 +411,18 @@ def _outcome(o: dict) -> PatchOutcome:
 _LIST_RULES = (listmerge.SORTED, listmerge.AFTER_ANCHOR, listmerge.BEFORE_ANCHOR)
 
 
-def _texts(wt: WorkTree, ids: tuple) -> tuple[str, str, str] | None:
-    """Base, ours and theirs of an unmerged file, if all three are text."""
-    if None in ids:
-        return None
+def _texts(wt: WorkTree, ids: tuple) -> tuple[tuple[str, str, str] | None, str]:
+    """Base, ours and theirs of an unmerged file, or why there are not three
+    texts to merge."""
+    base, ours, theirs = ids
+    if ours is None:
+        return None, "not in the new release (deleted or renamed upstream)"
+    if base is None or theirs is None:
+        return None, "added on both sides" if base is None else "deleted by the patch"
     try:
-        return tuple(wt.blob(i).decode("utf-8") for i in ids)
+        return tuple(wt.blob(i).decode("utf-8") for i in ids), ""
     except UnicodeDecodeError:
-        return None
+        return None, "not UTF-8 text"
 
 
 def _describe(resolutions: list[dict]) -> str:

@@ -50,6 +50,7 @@ class PatchOutcome:
     detail: str = ""
     conflict_files: tuple[str, ...] = ()
     failed_hunks: tuple[str, ...] = ()
+    unresolved: tuple[str, ...] = ()  # "file: why it is not a list insertion"
     resolved: bool = False  # a conflict the maintainer resolved
     at_risk: tuple[str, ...] = ()  # skipped patches sharing files with this one
     commit: str | None = None
@@ -105,6 +106,7 @@ def rebase_markdown(rep: RebaseReport) -> str:
             lines += ["", f"## Conflict in patch {o.index}: {o.subject}", ""]
             lines += [f"- conflicting file: {f}" for f in o.conflict_files]
             lines += [f"- hunk that does not apply: {h}" for h in o.failed_hunks]
+            lines += [f"- not resolved automatically: {u}" for u in o.unresolved]
     replayed = [(o, r) for o in rep.outcomes for r in o.resolutions]
     if replayed:
         lines += ["", "## Resolutions replayed", ""]
@@ -133,7 +135,8 @@ def rebase_junit(rep: RebaseReport) -> str:
         if o.outcome == CONFLICT and not o.resolved:
             status = FAIL
             detail = (f"conflict in {', '.join(o.conflict_files) or 'patch'}\n"
-                      + ("\n".join(o.failed_hunks) or o.detail))
+                      + ("\n".join(o.failed_hunks) or o.detail)
+                      + "".join(f"\nnot resolved automatically: {u}" for u in o.unresolved))
         elif o.outcome == SKIPPED:
             status, detail = SKIP, o.detail or "skipped by request"
         replayed = "".join(f"resolved {r.file}: {r.label()}\n" + "".join(f"+{x}\n" for x in r.lines)

@@ -226,6 +226,8 @@ def test_list_insertions_are_resolved_and_reported(lists_project):
         ("MAINTAINERS", "after-anchor")]
     # A real conflict is still a conflict, with nothing resolved.
     assert real["conflict_files"] == ["real.c"] and real["resolutions"] == []
+    assert real["unresolved"] == ["real.c: the patch changes or removes base line 5 "
+                                  "('R5 original line') where upstream changed lines too"]
     wt = lists_project.worktree("v2.1.0")
     assert (wt.path / "meson.build").read_text() == "# devices\n" + meson_list(
         "ALPHA", "GAMMA", "RHO", "SOCKET", "ZETA")
