@@ -307,8 +307,9 @@ class Rebase:
                 wt.am_abort()
                 return done(rpt.DROPPED, "already upstream: nothing left after resolving "
                             "the conflicts"), False
-        conflict_files = wt.unmerged_files() or list(stages) or _rejected_files(res.output,
-                                                                                  patch)
+            left = [f"resolved, but git am --continue failed: {res.output.strip()}"]
+        conflict_files = (wt.unmerged_files() or list(stages)
+                          or _rejected_files(res.output, patch))
         failed = failing_hunks(wt, patch, conflict_files, head)
         info = done(rpt.CONFLICT, f"conflict in {', '.join(conflict_files) or 'the patch'}",
                     conflict_files=conflict_files, failed_hunks=failed, unresolved=left)
