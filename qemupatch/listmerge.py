@@ -275,7 +275,8 @@ def _as_block(b, pos, lines, c: _Conflict) -> tuple[int, list[str]]:
 
 def _position(b, out, stable, c: _Conflict, pos: int, lines: list[str]) -> tuple[int, str]:
     block = _is_block(b, pos, lines)
-    listed = [x for x in (lines[:1] if block else lines) if x in out[c.s:c.e]]
+    listed = [x for x in (lines[:1] if block else lines)
+              if not _blank(x) and x in out[c.s:c.e]]
     if listed:
         raise _Refused(f"{listed[0].strip()!r} is already upstream, next to where the "
                        "patch adds it")

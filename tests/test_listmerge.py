@@ -166,3 +166,13 @@ def test_a_resolution_that_edits_outside_the_conflict_is_not_recordable():
     base = text("a", "b", "c")
     ours, theirs = text("a", "B upstream", "c"), text("a", "B patch", "c")
     assert recordable(base, ours, theirs, text("A edited", "B both", "c")) is None
+
+
+def test_an_insertion_with_a_blank_line_next_to_upstream_blank_lines():
+    # trace-events: the patch appends a commented group; upstream's end differs.
+    base = text("a_read(void) \"\"", "", "# b.c", "b_one(void) \"\"")
+    theirs = base + text("", "# vmsocket.c", "vmsocket_read(void) \"\"")
+    ours = text("a_read(void) \"\"", "", "# c.c", "c_one(void) \"\"", "", "# d.c")
+    res = merge(base, ours, theirs)
+    assert res.text == ours + text("", "# vmsocket.c", "vmsocket_read(void) \"\"")
+    assert [p.rule for p in res.placed] == [BEFORE_ANCHOR]
