@@ -49,7 +49,9 @@ SORTED, AFTER_ANCHOR, BEFORE_ANCHOR = "sorted", "after-anchor", "before-anchor"
 
 @dataclass(frozen=True)
 class Placed:
-    """Lines the patch inserted, and the rule that placed them."""
+    """Lines put into one conflict region and the rule that chose them: a
+    list rule for the patch's inserted lines, or ``recorded:<name>`` for a
+    replayed resolution."""
 
     lines: tuple[str, ...]
     rule: str
