@@ -237,6 +237,7 @@ class Rebase:
             state.in_progress = None
             self.save(state)
         patches = series.patches
+        wt.store_preimages([p.text for p in patches], state.old_base["commit"])
         while state.next_index < len(patches):
             i = state.next_index
             patch = patches[i]

@@ -176,6 +176,17 @@ class WorkTree:
             return [git(self.path, "apply", "--cached", "--check", "-", input=text,
                         env=env, check=False).returncode == 0 for text in patch_texts]
 
+    def store_preimages(self, patch_texts: list[str], commit: str) -> None:
+        """Apply the patches in turn onto ``commit`` in a private index, so
+        that the object database holds every file version they were made
+        on: ``git am --3way`` needs those to fall back on a three-way merge
+        (in a mirror where the series was never applied, it cannot)."""
+        with tempfile.TemporaryDirectory(prefix="qemupatch-index-") as tmp:
+            env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+            git(self.path, "read-tree", commit, env=env)
+            for text in patch_texts:
+                git(self.path, "apply", "--cached", "-", input=text, env=env, check=False)
+
     def format_patches(self, base: str) -> list[str]:
         """The commits since ``base`` as normalized format-patch texts."""
         with tempfile.TemporaryDirectory(prefix="qemupatch-export-") as tmp:

@@ -179,6 +179,7 @@ LISTS_V1 = {
     "index.rst": toctree("alpha", "gamma"),
     "MAINTAINERS": maintainers("Alpha", "Gamma", "Zeta"),
     "real.c": lines("R"),
+    "chain.c": lines("H"),
 }
 
 LISTS_V2 = {
@@ -189,6 +190,7 @@ LISTS_V2 = {
     "index.rst": toctree("alpha", "beta", "gamma", "omega"),
     "MAINTAINERS": maintainers("Alpha", "Gamma", "Zeta and friends"),
     "real.c": lines("R", R5="R5 changed upstream"),
+    "chain.c": lines("H", H18="H18 changed upstream"),
 }
 
 # (subject, {file: content after the patch}) of the series on v2.0.0.
@@ -203,6 +205,10 @@ LISTS_PATCHES = [
     ("real: change a line upstream changed too", {
         "real.c": lines("R", R5="R5 patched"),
     }),
+    # Applies as is, then the next patch (made on the file this one left)
+    # needs a three-way merge: next to an upstream change.
+    ("chain: patch a file", {"chain.c": lines("H", H5="H5 patched")}),
+    ("chain: patch it again", {"chain.c": lines("H", H5="H5 patched", H20="H20 patched")}),
 ]
 
 
@@ -219,9 +225,9 @@ def commit_files(wt: WorkTree, files: dict[str, str], subject: str) -> None:
 
 @pytest.fixture
 def lists_project(tmp_path: Path) -> Project:
-    """A project with releases v2.0.0 and v2.1.0 and a three-patch series on
+    """A project with releases v2.0.0 and v2.1.0 and a five-patch series on
     v2.0.0: two patches whose conflicts are list insertions, one real
-    conflict."""
+    conflict, and two on one file, the second needing a three-way merge."""
     root = tmp_path / "proj"
     root.mkdir()
     tarballs = {

@@ -1,6 +1,7 @@
 """Stage 3: rebase, on a synthetic upstream built to meet every outcome."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -214,8 +215,9 @@ def test_list_insertions_are_resolved_and_reported(lists_project):
     lists_project.cli("rebase", "--onto", "v2.1.0", "--keep-going",
                       "--report-dir", str(report_dir), check_code=1)
     data = json.loads((report_dir / "rebase.json").read_text())
-    assert [o["outcome"] for o in data["outcomes"]] == ["merged", "merged", "conflict"]
-    lists, section, real = data["outcomes"]
+    assert [o["outcome"] for o in data["outcomes"]] == ["merged", "merged", "conflict",
+                                                         "clean", "merged"]
+    lists, section, real = data["outcomes"][:3]
     assert lists["detail"] == "resolved automatically: list insertion in index.rst, meson.build"
     assert sorted((r["file"], r["how"], r["rule"], tuple(r["lines"]))
                   for r in lists["resolutions"]) == [
@@ -272,6 +274,21 @@ def test_a_real_conflict_still_stops_then_its_resolution_is_recorded_and_replaye
     assert [(r.file, r.how) for r in real.resolutions] == [
         ("real.c", f"recorded:resolutions/{kept[0].name}")]
     assert (wt.path / "real.c").read_text() == lines_with("R5 changed upstream, patched")
+
+
+def test_a_mirror_that_never_applied_the_series_still_merges_three_way(lists_project):
+    # Forget every commit of the series: only the releases are left.
+    wt = lists_project.worktree("v2.0.0")
+    git(wt.mirror, "worktree", "remove", "--force", wt.path)
+    git(wt.mirror, "branch", "-D", wt.branch)
+    git(wt.mirror, "reflog", "expire", "--expire=now", "--all")
+    git(wt.mirror, "gc", "-q", "--prune=now")
+    last = read_series(lists_project.patches).patches[4]
+    preimage = re.search(r"^index ([0-9a-f]{40})\.\.", last.text, re.M).group(1)
+    assert git(wt.mirror, "cat-file", "-e", preimage, check=False).returncode != 0
+    rep = rebase(lists_project).start("v2.1.0", keep_going=True)
+    assert [o.outcome for o in rep.outcomes] == ["merged", "merged", "conflict", "clean",
+                                                 "merged"]
 
 
 def test_a_tampered_recorded_resolution_is_refused(lists_project):
