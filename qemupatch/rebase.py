@@ -16,6 +16,10 @@ point (even by ``kill -9``) can be resumed or aborted with nothing lost:
 The series is copied into the state folder when the rebase starts, so
 editing ``patches/`` meanwhile changes nothing.
 
+Before replaying, the series is applied onto the old base in a private
+index, so the mirror holds every file version a patch was made on: ``git
+am --3way`` needs them to fall back on a merge.
+
 Conflicts that are not hand work are resolved on the way, file by file,
 and reported as replayed: a region a maintainer resolved before (kept in
 ``patches/resolutions/``, one plain-text file per conflict, written when a
