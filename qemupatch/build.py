@@ -25,6 +25,7 @@ through the progress sink (progress.py), and nothing exits.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shlex
 import shutil
@@ -116,6 +117,11 @@ class BuildSpec:
     version: str = ""                       # QEMU version or kernel release
     vermagic: str | None = None             # the release every .ko must carry
     host_requires: Mapping[str, str] = field(default_factory=dict)  # path -> hint
+    # The files and folders the output depends on, when they are few: the
+    # last artifacts are reused while their content (and the environment)
+    # is unchanged.  Empty for QEMU: its tree is too big to hash per run,
+    # and ninja is its incremental build.
+    inputs: tuple[Path, ...] = ()
     record: str = "build.json"
     reproduce: str = "reproduce.sh"
     log: str = "compile.log"
@@ -319,7 +325,7 @@ def module_spec(module_src: Path, kernel: GuestKernel, *, project_root: Path,
             "(runner 'auto')")},
         facts={"kernel": kernel.name, "kernel_release": release, "suite": kernel.suite,
                "source": str(module_src), "series_hash": series_hash(patches)},
-        record=f"build-module-{kernel.name}.json",
+        inputs=(module_src,), record=f"build-module-{kernel.name}.json",
         reproduce=f"reproduce-module-{kernel.name}.sh", log=f"module-{kernel.name}.log")
 
 
@@ -344,7 +350,7 @@ def guest_program_spec(src: Path, *, project_root: Path, suite: str = "bookworm"
         mounts=(Mount("SRC", src.parent, "/src", "ro"),),
         dockerfile=dockerfile_for(project_root, suite), artifacts=(name,),
         deadline=timeout, facts={"source": str(src), "suite": suite, "flags": flags},
-        record=f"build-{name}.json", reproduce=f"reproduce-{name}.sh", log=f"{name}.log")
+        inputs=(src,), record=f"build-{name}.json", reproduce=f"reproduce-{name}.sh", log=f"{name}.log")
 
 
 # -- execute ----------------------------------------------------------------------
@@ -362,6 +368,7 @@ class _Record:
             "tools": [], "command": None, "python_call": _call_text(spec.call, runner),
             "facts": dict(spec.facts), "seconds": None, "ccache": None,
             "artifacts": [], "sha256": {}, "exit_code": None, "error": None,
+            "inputs_key": None, "reused": False,
         }
         self.write()
 
@@ -386,6 +393,7 @@ def execute(spec: BuildSpec, runner: Runner, out_dir: Path,
     shutil.rmtree(staging, ignore_errors=True)
     spec = _with_out_mount(spec, staging)
     deadline = time.monotonic() + spec.deadline
+    previous = _read_record(out_dir / spec.record)
     record = _Record(out_dir / spec.record, spec, runner)
     ending: dict[str, object] = {"status": "failed"}
     try:
@@ -396,8 +404,17 @@ def execute(spec: BuildSpec, runner: Runner, out_dir: Path,
                              on_line=progress.line)
         scratch = out_dir / ".host-work"
         command = runner.cli_command(spec, env, scratch=scratch)
+        key = inputs_key(spec, env) if spec.inputs else None
         record.update(stage="compile", image=_image_block(env), packages=list(env.packages),
-                      compiler=env.compiler, tools=list(env.tools), command=command)
+                      compiler=env.compiler, tools=list(env.tools), command=command,
+                      inputs_key=key)
+        if key and (reused := _reuse(previous, key, out_dir)):
+            record.update(stage="done", reused=True, seconds=0.0, exit_code=0,
+                          **{k: previous[k] for k in ("artifacts", "sha256", "facts")})
+            ending = {"status": "ok"}
+            progress.stage(f"{spec.name}: inputs unchanged, artifacts reused")
+            return _result(spec, runner, out_dir, reused, record.path, reproduce,
+                           log_path, 0.0, env, None, previous["sha256"])
         _write_reproduce(reproduce, record.data["python_call"], command)
         progress.stage(f"compile {spec.name} ({runner.name})")
         result = runner.run(spec, env, scratch=scratch, timeout=_left(deadline),
@@ -417,16 +434,8 @@ def execute(spec: BuildSpec, runner: Runner, out_dir: Path,
             ccache=(asdict(ccache) | {"hit_rate": ccache.hit_rate}) if ccache else None,
             facts={**record.data["facts"], **_run_facts(spec, result.output)})
         ending = {"status": "ok"}
-        main = next((a for a in artifacts if a.name == spec.main_artifact), artifacts[0])
-        image = env.image or {}
-        return BuildResult(
-            kind=spec.kind, name=spec.name, runner=runner.name, out_dir=out_dir,
-            binary=main, artifacts=tuple(artifacts), build_json=record.path,
-            reproduce_sh=reproduce, log_path=log_path, seconds=result.seconds,
-            image_id=image.get("id"), image_tag=image.get("tag"),
-            image_built=bool(image.get("built_now")),
-            image_seconds=float(image.get("build_seconds") or 0.0), ccache=ccache,
-            version=spec.version, sha256=sums)
+        return _result(spec, runner, out_dir, artifacts, record.path, reproduce, log_path,
+                       result.seconds, env, ccache, sums)
     except BaseException as exc:
         ending = {"status": _status_of(exc), "error": str(exc).splitlines()[0] if str(exc)
                   else type(exc).__name__}
@@ -435,6 +444,62 @@ def execute(spec: BuildSpec, runner: Runner, out_dir: Path,
         shutil.rmtree(staging, ignore_errors=True)
         record.update(finished=utc_now(), **ending)
         progress.close()
+
+
+def _result(spec: BuildSpec, runner: Runner, out_dir: Path, artifacts: list[Path],
+            record: Path, reproduce: Path, log_path: Path, seconds: float,
+            env: Environment, ccache: CcacheStats | None,
+            sha256: Mapping[str, str]) -> BuildResult:
+    main = next((a for a in artifacts if a.name == spec.main_artifact), artifacts[0])
+    image = env.image or {}
+    return BuildResult(
+        kind=spec.kind, name=spec.name, runner=runner.name, out_dir=out_dir,
+        binary=main, artifacts=tuple(artifacts), build_json=record,
+        reproduce_sh=reproduce, log_path=log_path, seconds=seconds,
+        image_id=image.get("id"), image_tag=image.get("tag"),
+        image_built=bool(image.get("built_now")),
+        image_seconds=float(image.get("build_seconds") or 0.0), ccache=ccache,
+        version=spec.version, sha256=dict(sha256))
+
+
+def inputs_key(spec: BuildSpec, env: Environment) -> str:
+    """sha256 over everything the output of a build with ``inputs`` depends
+    on: the script and its settings, the environment (image ID, or the
+    host's compiler and packages) and every file of its inputs."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({
+        "schema": SCHEMA, "kind": spec.kind, "name": spec.name, "script": spec.script,
+        "env": dict(spec.env), "buildargs": dict(spec.buildargs),
+        "artifacts": list(spec.artifacts), "vermagic": spec.vermagic,
+        "image": (env.image or {}).get("id"), "compiler": env.compiler,
+        "packages": list(env.packages) if env.image is None else None,
+    }, sort_keys=True).encode())
+    for top in spec.inputs:
+        files = sorted(p for p in top.rglob("*") if p.is_file()) if top.is_dir() else [top]
+        for path in files:
+            digest.update(f"{top.name}/{path.relative_to(top)}\0".encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _reuse(previous: dict, key: str, out_dir: Path) -> list[Path] | None:
+    """The last build's artifacts, if it succeeded with the same inputs
+    and every artifact is still there, byte for byte."""
+    if previous.get("status") != "ok" or previous.get("inputs_key") != key:
+        return None
+    artifacts = [out_dir / name for name in previous.get("artifacts", ())]
+    sums = previous.get("sha256", {})
+    if not artifacts or any(not a.is_file() or sums.get(a.name) != sha256_file(a)
+                            for a in artifacts):
+        return None
+    return artifacts
 
 
 def _status_of(exc: BaseException) -> str:

@@ -47,6 +47,7 @@ from qemupatch.run import run, stream
 if TYPE_CHECKING:       # the Docker SDK loads only when a container is used
     from qemupatch.build import BuildSpec
     from qemupatch.engine import Engine
+    from qemupatch.images import ImageFacts
 
 LineCallback = Callable[[str], None]
 RUNNER_NAMES = ("auto", "docker", "podman", "host")
@@ -232,6 +233,7 @@ class ContainerRunner(Runner):
         self.engine = engine
         self.name = engine.name
         self.settings = engine.settings
+        self._facts: dict[str, ImageFacts] = {}     # by image ID
 
     def describe(self) -> dict:
         return self.engine.describe()
@@ -246,7 +248,10 @@ class ContainerRunner(Runner):
         image = images.ensure_image(
             self.engine, spec.dockerfile, buildargs=dict(spec.buildargs), timeout=timeout,
             log_path=log_dir / "image.log", on_line=on_line)
-        facts = images.image_facts(self.engine, image, min(300.0, timeout))
+        if image.id not in self._facts:       # an image's packages never change
+            self._facts[image.id] = images.image_facts(self.engine, image,
+                                                       min(300.0, timeout))
+        facts = self._facts[image.id]
         return Environment(
             image={"id": image.id, "tag": image.tag, "base": image.base,
                    "content_hash": image.content_hash, "built_now": image.built,

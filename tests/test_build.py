@@ -307,6 +307,33 @@ def test_host_guest_program(tmp_path: Path) -> None:
     assert _record(tmp_path / "out", "build-prog.json")["status"] == "ok"
 
 
+def test_unchanged_inputs_reuse_the_artifacts(tmp_path: Path) -> None:
+    """A guest program (or module) whose inputs did not change is not
+    rebuilt; a changed source, or an artifact changed on disk, is."""
+    src = _guest_program(tmp_path)
+    out = tmp_path / "out"
+
+    def again():
+        return build_guest_program(src, out, runner=HOST, project_root=REPO,
+                                   progress=NullProgress())
+
+    first = again()
+    record = _record(out, "build-prog.json")
+    assert record["reused"] is False and record["inputs_key"]
+    second = again()
+    record2 = _record(out, "build-prog.json")
+    assert record2["reused"] is True and record2["status"] == "ok"
+    assert record2["inputs_key"] == record["inputs_key"] and second.sha256 == first.sha256
+    src.write_text(src.read_text() + "\n/* changed */\n")
+    again()
+    record3 = _record(out, "build-prog.json")
+    assert record3["reused"] is False and record3["inputs_key"] != record["inputs_key"]
+    first.binary.write_bytes(b"tampered")
+    fourth = again()
+    assert _record(out, "build-prog.json")["reused"] is False
+    assert fourth.binary.read_bytes() != b"tampered"
+
+
 @needs_headers_61
 @needs_ninja
 def test_every_kind_writes_the_same_record_schema(fake_src: Path, tmp_path: Path) -> None:
