@@ -182,10 +182,12 @@ def write_series(patches_dir: Path, series: Series) -> None:
             _write_synced(tmp / patch.name, patch.text)
         _write_synced(tmp / SERIES_FILE, render_series_file(series))
         if patches_dir.exists():
-            # Keep files that are not patches (a README, say).
+            # Keep what is not a patch: a README, recorded resolutions/.
             for extra in patches_dir.iterdir():
                 if extra.name != SERIES_FILE and not extra.name.endswith(".patch"):
-                    if extra.is_file():
+                    if extra.is_dir():
+                        shutil.copytree(extra, tmp / extra.name)
+                    elif extra.is_file():
                         shutil.copy2(extra, tmp / extra.name)
         os.chmod(tmp, 0o755)
         old = None

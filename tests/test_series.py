@@ -152,3 +152,15 @@ def test_check_finds_missing_signoff_and_whitespace(project):
     failed = {(r.check, r.patch) for r in info.value.results if not r.ok}
     assert ("signed-off-by", s.patches[0].name) in failed
     assert ("whitespace", s.patches[0].name) in failed
+
+
+def test_export_keeps_what_is_not_a_patch(project):
+    """A README and the recorded conflict resolutions (patches/resolutions/)
+    survive an export."""
+    (project.patches / "README").write_text("about the series\n")
+    resolutions = project.patches / "resolutions"
+    resolutions.mkdir()
+    (resolutions / "abc.txt").write_text("--- upstream\n--- patch\n--- resolution\n")
+    workflow.export(project.cfg, "v1.0.0")
+    assert (project.patches / "README").read_text() == "about the series\n"
+    assert (resolutions / "abc.txt").read_text().startswith("--- upstream")
