@@ -268,7 +268,6 @@ class Rebase:
     def _apply_one(self, state: RebaseState, wt: WorkTree, i: int, patch: Patch,
                    total: int) -> tuple[dict, bool]:
         start = time.monotonic()
-        path = self.snapshot_dir / patch.name
         head = wt.head()
         base = {"index": i + 1, "name": patch.name, "subject": patch.subject,
                 "files": list(patch.files)}
@@ -280,90 +279,49 @@ class Rebase:
         self.progress(f"[{i + 1}/{total}] {patch.subject}")
         if patch.name in state.skip_names:
             return done(rpt.SKIPPED, "skipped by request (--skip-patch)"), False
-        if wt.applies(patch.text, reverse=True):
-            return done(rpt.DROPPED, "already upstream: the patch reverse-applies"), False
-        res = wt.am(path, three_way=False)
-        if res.applied:
-            new_text = wt.format_patches(f"{head}")[0]
-            moved = _moved_hunks(patch.text, new_text)
-            outcome = rpt.OFFSET if moved else rpt.CLEAN
-            detail = f"{moved} hunk(s) moved" if moved else "applied as is"
-            return done(outcome, detail, commit=wt.head(),
-                        range_diff=range_diff(patch, new_text)), False
-        wt.am_abort()
-        res = wt.am(path, three_way=True)
-        if res.applied:
-            new_text = wt.format_patches(f"{head}")[0]
-            return done(rpt.MERGED, "applied with a three-way merge", commit=wt.head(),
-                        range_diff=range_diff(patch, new_text)), False
-        if res.empty:
-            wt.am_abort()
-            return done(rpt.DROPPED, "already upstream: nothing left after merge"), False
-        stages = wt.unmerged_stages()
-        resolutions, left = self._resolve(wt, stages) if stages else (None, [])
-        if resolutions is not None:
-            res = wt.am_continue()
-            if res.applied:
-                new_text = wt.format_patches(f"{head}")[0]
-                return done(rpt.MERGED, "resolved automatically: " + _describe(resolutions),
-                            commit=wt.head(), range_diff=range_diff(patch, new_text),
-                            resolutions=resolutions), False
-            if res.empty:
-                wt.am_abort()
-                return done(rpt.DROPPED, "already upstream: nothing left after resolving "
-                            "the conflicts"), False
-            left = [f"resolved, but git am --continue failed: {res.output.strip()}"]
-        conflict_files = (wt.unmerged_files() or list(stages)
-                          or _rejected_files(res.output, patch))
-        failed = failing_hunks(wt, patch, conflict_files, head)
-        info = done(rpt.CONFLICT, f"conflict in {', '.join(conflict_files) or 'the patch'}",
-                    conflict_files=conflict_files, failed_hunks=failed, unresolved=left)
+        step = apply_resolving(wt, self.snapshot_dir / patch.name, patch,
+                               self.resolutions_dir, self.progress)
+        if step.outcome != rpt.CONFLICT:
+            extra: dict = {}
+            if step.new_text is not None:
+                extra = {"commit": wt.head(), "range_diff": range_diff(patch, step.new_text)}
+            if step.resolutions:
+                extra["resolutions"] = list(step.resolutions)
+            return done(step.outcome, step.detail, **extra), False
+        failed = failing_hunks(wt, patch, list(step.conflict_files), head)
+        info = done(rpt.CONFLICT, step.detail, conflict_files=list(step.conflict_files),
+                    failed_hunks=failed, unresolved=list(step.unresolved))
         if state.keep_going:
             wt.am_abort()
             wt.reset_to(head, allow_dirty=True)
             info["detail"] += " (skipped: --keep-going)"
             return info, False
         info["_head"] = head
-        info["_stages"] = stages
+        info["_stages"] = step.stages
         return info, True
 
-    # -- conflicts that are not hand work ----------------------------------------
-
-    def _resolve(self, wt: WorkTree, stages: dict) -> tuple[list[dict] | None, list[str]]:
-        """Resolve every unmerged file (recorded resolutions, then list
-        insertions) and ``git add`` them.  Returns the resolutions (None,
-        touching nothing, if any file needs a maintainer) and why each
-        file left needs one."""
-        recorded = load_recorded(self.resolutions_dir)
-        merged, left = {}, []
-        for path, ids in stages.items():
-            texts, why = _texts(wt, ids)
-            res = listmerge.merge(*texts, recorded) if texts else None
-            if res is None or res.text is None:
-                left.append(f"{path}: {why or res.reason}")
-                self.progress(f"  left for a maintainer: {left[-1]}")
-            else:
-                merged[path] = res
-        if left:
-            return None, left
-        for path, res in merged.items():
-            (wt.path / path).write_bytes(res.text.encode())
-        wt.add(list(merged))
-        return [asdict(Resolution(path, LIST_INSERT if p.rule in _LIST_RULES else p.rule,
-                                  p.rule if p.rule in _LIST_RULES else "",
-                                  tuple(x.rstrip("\r\n") for x in p.lines)))
-                for path, res in merged.items() for p in res.placed], []
+    # -- recording a maintainer's resolutions ------------------------------------
 
     def _record(self, wt: WorkTree, stop: dict, state: RebaseState) -> list[str]:
         """Keep what the maintainer made of each conflict region of the
         stopped patch, so that the next rebase replays it."""
         kept = []
+        patch = next((p for p in self._series().patches if p.name == stop["name"]), None)
         for path, ids in stop.get("stages", {}).items():
             texts, _ = _texts(wt, ids)
             resolved_id = wt.blob_id("HEAD", path)
-            if texts is None or resolved_id is None:
+            if ids[1] is None and ids[0] and ids[2] and patch is not None:
+                # Upstream has no such file: keep what the maintainer made
+                # of it (usually: left out, the release's own fix-up adapts).
+                kept_text = (wt.blob(resolved_id).decode("utf-8", "replace")
+                             if resolved_id else "")
+                regions = [(ABSENT, _file_changes(patch, path),
+                            tuple(kept_text.splitlines(keepends=True)))]
+            elif texts is None or resolved_id is None:
                 continue
-            regions = listmerge.recordable(*texts, wt.blob(resolved_id).decode("utf-8", "replace"))
+            else:
+                regions = listmerge.recordable(*texts,
+                                               wt.blob(resolved_id).decode("utf-8", "replace"))
             if regions is None:
                 self.progress(f"  {path}: the resolution changes lines outside the conflicts: "
                               "not recorded")
@@ -415,6 +373,129 @@ def _outcome(o: dict) -> PatchOutcome:
 
 
 _LIST_RULES = (listmerge.SORTED, listmerge.AFTER_ANCHOR, listmerge.BEFORE_ANCHOR)
+
+# -- one patch, with the conflicts that are not hand work resolved ------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """What applying one patch with automatic resolution came to."""
+
+    outcome: str  # CLEAN, OFFSET, MERGED, DROPPED or CONFLICT
+    detail: str
+    new_text: str | None = None  # the new commit as format-patch text
+    resolutions: tuple[dict, ...] = ()
+    # At a CONFLICT (git's am session is left as is for the caller):
+    conflict_files: tuple[str, ...] = ()
+    unresolved: tuple[str, ...] = ()
+    stages: dict = field(default_factory=dict)
+
+
+def apply_resolving(wt: WorkTree, patch_file: Path, patch: Patch, resolutions_dir: Path,
+                    progress: Progress | None = None) -> Step:
+    """Apply one patch on the work tree's HEAD: as is, else with ``git am
+    --3way``, else with every conflicting file resolved automatically
+    (recorded resolutions from ``resolutions_dir``, then list insertions)
+    and ``git am --continue``.
+
+    Used by the rebase (one patch at a time, with a report) and by the carry
+    of the series onto another release (:mod:`qemupatch.carry`).  A CONFLICT
+    leaves git's am session and the conflict markers for the caller to
+    abort or hand to a maintainer."""
+    progress = progress or (lambda msg: None)
+    head = wt.head()
+    if wt.applies(patch.text, reverse=True):
+        return Step(rpt.DROPPED, "already upstream: the patch reverse-applies")
+    res = wt.am(patch_file, three_way=False)
+    if res.applied:
+        new_text = wt.format_patches(head)[0]
+        moved = _moved_hunks(patch.text, new_text)
+        return Step(rpt.OFFSET if moved else rpt.CLEAN,
+                    f"{moved} hunk(s) moved" if moved else "applied as is", new_text)
+    wt.am_abort()
+    res = wt.am(patch_file, three_way=True)
+    if res.applied:
+        return Step(rpt.MERGED, "applied with a three-way merge", wt.format_patches(head)[0])
+    if res.empty:
+        wt.am_abort()
+        return Step(rpt.DROPPED, "already upstream: nothing left after merge")
+    stages = wt.unmerged_stages()
+    resolutions, left = (resolve_conflicts(wt, stages, patch, load_recorded(resolutions_dir),
+                                           progress)
+                         if stages else (None, []))
+    if resolutions is not None:
+        res = wt.am_continue()
+        if res.applied:
+            return Step(rpt.MERGED, "resolved automatically: " + _describe(resolutions),
+                        wt.format_patches(head)[0], tuple(resolutions))
+        if res.empty:
+            wt.am_abort()
+            return Step(rpt.DROPPED, "already upstream: nothing left after resolving "
+                        "the conflicts")
+        left = [f"resolved, but git am --continue failed: {res.output.strip()}"]
+    files = wt.unmerged_files() or list(stages) or _rejected_files(res.output, patch)
+    return Step(rpt.CONFLICT, f"conflict in {', '.join(files) or 'the patch'}",
+                conflict_files=tuple(files), unresolved=tuple(left), stages=stages)
+
+
+def resolve_conflicts(wt: WorkTree, stages: dict, patch: Patch,
+                      recorded: dict[str, Recorded],
+                      progress: Progress) -> tuple[list[dict] | None, list[str]]:
+    """Resolve every unmerged file (recorded resolutions, then list
+    insertions) and ``git add`` them.  Returns the resolutions (None,
+    touching nothing, if any file needs a maintainer) and why each file
+    left needs one."""
+    merged, gone, done, left = {}, [], [], []
+    for path, ids in stages.items():
+        if ids[1] is None and ids[0] is not None and ids[2] is not None:
+            # Upstream has no such file (deleted, or not yet made).
+            rec = recorded.get(listmerge.conflict_key(ABSENT, _file_changes(patch, path)))
+            if rec is None:
+                left.append(f"{path}: not in the new release (deleted or renamed upstream)")
+                progress(f"  left for a maintainer: {left[-1]}")
+            elif rec.resolution:
+                merged[path] = "".join(rec.resolution)
+                done.append(asdict(Resolution(path, f"recorded:{rec.name}", "",
+                                              tuple(x.rstrip("\r\n") for x in rec.resolution))))
+            else:
+                gone.append(path)
+                done.append(asdict(Resolution(path, f"recorded:{rec.name}", "",
+                                              ("(kept out: not in this release)",))))
+            continue
+        texts, why = _texts(wt, ids)
+        res = listmerge.merge(*texts, recorded) if texts else None
+        if res is None or res.text is None:
+            left.append(f"{path}: {why or res.reason}")
+            progress(f"  left for a maintainer: {left[-1]}")
+        else:
+            merged[path] = res.text
+            done += [asdict(Resolution(path, LIST_INSERT if p.rule in _LIST_RULES else p.rule,
+                                       p.rule if p.rule in _LIST_RULES else "",
+                                       tuple(x.rstrip("\r\n") for x in p.lines)))
+                     for p in res.placed]
+    if left:
+        return None, left
+    for path, text in merged.items():
+        (wt.path / path).write_bytes(text.encode())
+    if merged:
+        wt.add(list(merged))
+    if gone:
+        wt.remove(gone)
+    return done, []
+
+
+# The upstream side of a conflict on a file the release does not have; the
+# patch's side is then the patch's changed lines in that file.
+ABSENT = ("(no such file in this release)\n",)
+
+
+def _file_changes(patch: Patch, path: str) -> tuple[str, ...]:
+    """The patch's added and removed lines in one file, as ``+line``/``-line``."""
+    return tuple(f"{line.line_type}{line.value}" if line.value.endswith("\n")
+                 else f"{line.line_type}{line.value}\n"
+                 for pfile in PatchSet(patch.text) if pfile.path == path
+                 for hunk in pfile for line in hunk if line.is_added or line.is_removed)
+
 
 
 def _texts(wt: WorkTree, ids: tuple) -> tuple[tuple[str, str, str] | None, str]:

@@ -96,6 +96,10 @@ class WorkTree:
     def add(self, paths: list[str]) -> None:
         git(self.path, "add", "--", *paths)
 
+    def remove(self, paths: list[str]) -> None:
+        """Resolve these paths as deleted (index and work tree)."""
+        git(self.path, "rm", "-q", "--force", "--ignore-unmatch", "--", *paths)
+
     def am_in_progress(self) -> bool:
         if not self.exists():
             return False
