@@ -159,6 +159,7 @@ class Rebase:
         )
         self.save(state)
         state.backup_ref = wt.reset_to(new.commit)
+        wt.forget_carried()  # the branch is the whole series now, no release fix-ups
         self.save(state)
         self.progress(f"rebasing {len(series.patches)} patches from {old.name} onto {new.name}")
         return self._run(state)

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from qemupatch import carry
 from qemupatch.config import Config
 from qemupatch.errors import CheckFailed, Conflict, UserError
 from qemupatch.report import CheckResult
@@ -32,8 +33,10 @@ class Applied:
     release: Release
     worktree: Path
     branch: str
-    commits: tuple[str, ...]
+    commits: tuple[str, ...]  # the base series' commits, then the fix-ups'
     backup_ref: str | None
+    fixups: tuple[str, ...] = ()  # the release's fix-up commits (after the base ones)
+    resolved: tuple[str, ...] = ()  # how each automatically resolved patch went on
 
 
 def mirror(cfg: Config) -> Mirror:
@@ -45,19 +48,30 @@ def series_base(cfg: Config, series: Series, base: str | None) -> str:
 
 
 def apply(cfg: Config, base: str | None = None, worktree: Path | None = None) -> Applied:
-    """A work tree on branch qemupatch/<base> with the series applied."""
+    """A work tree on branch qemupatch/<base> with the series applied; on a
+    release other than the series' base, the series carried there and the
+    release's fix-ups on top (the commit between them is remembered, for
+    export)."""
     series = read_series(cfg.patches_dir)
-    rel = mirror(cfg).get(series_base(cfg, series, base))
+    m = mirror(cfg)
+    rel = m.get(series_base(cfg, series, base))
     wt = WorkTree.for_release(cfg.mirror_dir, cfg.cache_dir, rel.name, worktree)
     backup = wt.reset_to(rel.commit)
-    commits = apply_series(wt, series, cfg.patches_dir)
-    return Applied(rel, wt.path, wt.branch, tuple(commits), backup)
+    carry.clear_carried(wt)
+    base_commit = m.get(series.base).commit if carry.is_carried(series, rel.name) else None
+    stack = carry.apply_stack(wt, series, cfg.patches_dir, rel.name, base_commit,
+                              on_carried=lambda tip: carry.mark_carried(wt, tip))
+    return Applied(rel, wt.path, wt.branch, stack.commits, backup, stack.fixup_commits,
+                   tuple(f"{p.name}: {s.detail}" for p, s in zip(series.patches, stack.carried)
+                         if s.resolutions))
 
 
 def build_source(cfg: Config, base: str | None = None) -> tuple[Release, WorkTree, list[str]]:
     """The series applied on ``base`` in a private work tree that builds use
     (``<cache>/pipeline/<base>/src``), never the maintainer's; imports the
-    release first if needed.
+    release first if needed.  On a release other than the series' base:
+    the series carried there (automatic resolutions) and the release's
+    fix-ups from ``patches/releases/<base>/`` (see carry.py).
 
     The series is applied in a second private tree (``.../apply``) and the
     build tree then checks out the result: git rewrites only the files
@@ -70,23 +84,35 @@ def build_source(cfg: Config, base: str | None = None) -> tuple[Release, WorkTre
     name = series_base(cfg, series, base)
     m = mirror(cfg)
     rel = m.find(name) or add_release(cfg, m, name)
+    base_commit = None
+    if carry.is_carried(series, name):
+        assert series.base is not None
+        base_commit = (m.find(series.base) or add_release(cfg, m, series.base)).commit
     staging = WorkTree(cfg.mirror_dir, cfg.cache_dir / "pipeline" / name / "apply",
                        f"qemupatch-pipeline-apply/{name}")
     staging.reset_to(rel.commit, allow_dirty=True)
-    commits = apply_series(staging, series, cfg.patches_dir)
-    if name == series.base:
-        again = export_series(staging, name, rel.commit, series)
-        if [p.text for p in again.patches] != [p.text for p in series.patches]:
+    stack = carry.apply_stack(staging, series, cfg.patches_dir, name, base_commit)
+    # What was applied is what patches/ holds, normalized (else a build
+    # would test something no export would write).
+    checked = stack.fixups if carry.is_carried(series, name) else series
+    if checked.patches or not carry.is_carried(series, name):
+        again = export_series(staging, name, stack.fixups_start, checked)
+        if [p.text for p in again.patches] != [p.text for p in checked.patches]:
             raise CheckFailed("apply -> export is not byte-identical to patches/ "
                               "(run qemupatch export, or qemupatch check for details)")
     wt = WorkTree(cfg.mirror_dir, cfg.cache_dir / "pipeline" / name / "src",
                   f"qemupatch-pipeline/{name}")
     wt.reset_to(staging.head(), allow_dirty=True)
-    return rel, wt, commits
+    return rel, wt, list(stack.commits)
 
 
 def export(cfg: Config, base: str | None = None, worktree: Path | None = None) -> Series:
-    """Write patches/ from branch qemupatch/<base>, atomically."""
+    """Write patches/ from branch qemupatch/<base>, atomically.
+
+    A branch that ``apply --base`` carried the series onto (a release
+    other than the series' base) gives back only its fix-ups, into
+    ``patches/releases/<base>/``; any other branch (the base's, or one a
+    rebase made) is the whole series, which then has <base> as its base."""
     previous = read_series(cfg.patches_dir) if (cfg.patches_dir / "series").exists() else None
     name = base or (previous.base if previous else None) or cfg.default_release
     rel = mirror(cfg).get(name)
@@ -94,6 +120,12 @@ def export(cfg: Config, base: str | None = None, worktree: Path | None = None) -
     if not wt.exists():
         raise UserError(f"no work tree for {rel.name} at {wt.path}; "
                         f"run qemupatch apply --base {rel.name} (or rebase) first")
+    if previous is not None and carry.is_carried(previous, rel.name) \
+            and carry.carried_tip(wt) is not None:
+        start = carry.fixups_start(wt, rel.name)
+        fixups = export_series(wt, rel.name, start, carry.read_fixups(cfg.patches_dir, rel.name))
+        carry.write_fixups(cfg.patches_dir, fixups)
+        return fixups
     series = export_series(wt, rel.name, rel.commit, previous)
     if not series.patches:
         raise UserError(f"branch {wt.branch} has no commits on top of {rel.name}: "
@@ -103,59 +135,82 @@ def export(cfg: Config, base: str | None = None, worktree: Path | None = None) -
 
 
 def check(cfg: Config, base: str | None = None, checkpatch: bool = False) -> list[CheckResult]:
-    """Every check of the series; raises CheckFailed listing what failed."""
+    """Every check of the series; raises CheckFailed listing what failed.
+
+    On a release other than the series' base the checks are of that
+    release's stack: the series carries there (automatic resolutions
+    only), then the release's fix-ups are checked like the series is on
+    its base (metadata, apply exactly, whitespace, normalized, round trip,
+    checkpatch.pl from the release's tree)."""
     series = read_series(cfg.patches_dir)
-    rel = mirror(cfg).get(series_base(cfg, series, base))
+    m = mirror(cfg)
+    rel = m.get(series_base(cfg, series, base))
+    carried = carry.is_carried(series, rel.name)
+    checked = carry.read_fixups(cfg.patches_dir, rel.name) if carried else series
+    folder = carry.fixups_dir(cfg.patches_dir, rel.name) if carried else cfg.patches_dir
     results: list[CheckResult] = []
-    for p in series.patches:
+    for p in checked.patches:
         has_body = bool(SIGNED_OFF.sub("", p.body).strip())
         results.append(CheckResult("subject", p.name, bool(p.subject), "no subject"))
         results.append(CheckResult("body", p.name, has_body,
                                    "the commit message has no body saying why"))
         results.append(CheckResult("signed-off-by", p.name, bool(SIGNED_OFF.search(p.body)),
                                    "no Signed-off-by: line"))
-    # 1. applies cleanly (no fuzz, no merge) on its base, in a private work tree.
     wt = WorkTree(cfg.mirror_dir, cfg.cache_dir / "check" / rel.name,
                   f"qemupatch-check/{rel.name}")
     wt.reset_to(rel.commit, allow_dirty=True)
+    start = rel.commit
+    # 0. elsewhere than on its base: the series carries (resolutions only).
+    if carried:
+        assert series.base is not None
+        try:
+            steps, _ = carry.carry_series(wt, series, cfg.patches_dir,
+                                          m.get(series.base).commit, rel.name)
+            results.append(CheckResult("carries", None, True, "\n".join(
+                f"{p.name}: {s.outcome}: {s.detail}" for p, s in zip(series.patches, steps))))
+        except Conflict as exc:
+            results.append(CheckResult("carries", None, False, str(exc)))
+            _raise_if_failed(results)
+        start = wt.head()
+    # 1. applies cleanly (no fuzz, no merge) on its base, in a private work tree.
     try:
-        apply_series(wt, series, cfg.patches_dir, three_way=False)
+        apply_series(wt, checked, folder, three_way=False)
         results.append(CheckResult("applies", None, True))
     except Conflict as exc:
         results.append(CheckResult("applies", None, False, str(exc)))
         _raise_if_failed(results)
     # 2. whitespace errors, commit by commit.
-    commits = wt.commits_since(rel.commit)
-    for p, commit in zip(series.patches, commits):
+    commits = wt.commits_since(start)
+    for p, commit in zip(checked.patches, commits):
         ws = git(wt.path, "diff", "--check", f"{commit}^", commit, check=False)
         results.append(CheckResult("whitespace", p.name, ws.returncode == 0, ws.output.strip()))
     # 3. the exported series is what is in patches/, and survives a round trip.
-    first = export_series(wt, rel.name, rel.commit, series)
+    first = export_series(wt, rel.name, start, checked)
     results.append(CheckResult(
-        "normalized", None, len(first.patches) == len(series.patches),
-        f"{len(series.patches)} patches applied as {len(first.patches)} commits "
+        "normalized", None, len(first.patches) == len(checked.patches),
+        f"{len(checked.patches)} patches applied as {len(first.patches)} commits "
         "(an empty patch?)"))
-    for old, new in zip(series.patches, first.patches):
+    for old, new in zip(checked.patches, first.patches):
         results.append(CheckResult(
             "normalized", old.name, old.text == new.text and old.name == new.name,
             "export would change this file; run qemupatch export"))
     again = WorkTree(cfg.mirror_dir, cfg.cache_dir / "check" / f"{rel.name}-roundtrip",
                      f"qemupatch-check/{rel.name}-roundtrip")
-    again.reset_to(rel.commit, allow_dirty=True)
+    again.reset_to(start, allow_dirty=True)
     tmp = cfg.cache_dir / "check" / "roundtrip-patches"
     write_series(tmp, first)
     apply_series(again, first, tmp, three_way=False)
-    second = export_series(again, rel.name, rel.commit, first)
+    second = export_series(again, rel.name, start, first)
     same = [a.text for a in first.patches] == [b.text for b in second.patches]
     results.append(CheckResult("round-trip", None, same,
                                "export -> apply -> export is not byte-identical"))
-    # 4. QEMU's own checkpatch, from the base tree.
+    # 4. QEMU's own checkpatch, from the release's tree.
     if checkpatch:
         script = wt.path / "scripts" / "checkpatch.pl"
         if not script.exists():
             raise UserError(f"{rel.name} has no scripts/checkpatch.pl")
-        for p in series.patches:
-            res = run(["perl", script, "--no-color", cfg.patches_dir / p.name],
+        for p in checked.patches:
+            res = run(["perl", script, "--no-color", folder / p.name],
                       cwd=wt.path, timeout=300, check=False)
             results.append(CheckResult("checkpatch", p.name, res.returncode == 0,
                                        res.output.strip()))

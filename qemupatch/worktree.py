@@ -20,6 +20,8 @@ from qemupatch.run import git
 
 BRANCH_PREFIX = "qemupatch/"
 BACKUP_PREFIX = "refs/qemupatch/backup/"
+# Where a branch's release fix-ups start (carry.py); a rebase forgets it.
+CARRIED_PREFIX = "refs/qemupatch/carried/"
 FORMAT_PATCH = (
     "format-patch", "--zero-commit", "--no-signature", "--no-numbered",
     "--full-index", "--no-thread", "--no-cover-letter", "--subject-prefix=PATCH",
@@ -107,6 +109,9 @@ class WorkTree:
         return (gitdir / "rebase-apply").exists()
 
     # -- rewriting -------------------------------------------------------------
+
+    def forget_carried(self) -> None:
+        git(self.mirror, "update-ref", "-d", CARRIED_PREFIX + self.branch, check=False)
 
     def backup(self) -> str | None:
         """Save the branch tip under refs/qemupatch/backup/ before a rewrite."""
