@@ -123,15 +123,8 @@ def write_config(root: Path, tarballs: dict[str, Path]) -> None:
 
 
 def commit_change(wt: WorkTree, file: str, key: str, subject: str) -> None:
-    path = wt.path / file
-    text = path.read_text().replace(f"{key} original line", key + " patched")
-    path.write_text(text)
-    git(wt.path, "add", file)
-    git(wt.path, "commit", "-q", "-m",
-        f"{subject}\n\nWhy: exercise one outcome class.\n\n"
-        "Signed-off-by: Test Maintainer <maintainer@example.org>",
-        env={"GIT_AUTHOR_NAME": "Test Maintainer", "GIT_AUTHOR_EMAIL": "maintainer@example.org",
-             "GIT_AUTHOR_DATE": "2026-01-02T03:04:05+0100"})
+    text = (wt.path / file).read_text().replace(f"{key} original line", key + " patched")
+    commit_files(wt, {file: text}, subject, why="exercise one outcome class")
 
 
 @pytest.fixture
@@ -212,12 +205,14 @@ LISTS_PATCHES = [
 ]
 
 
-def commit_files(wt: WorkTree, files: dict[str, str], subject: str) -> None:
+def commit_files(wt: WorkTree, files: dict[str, str], subject: str,
+                 why: str = "exercise a list conflict") -> None:
+    """One commit by the test maintainer, with a body and a sign-off."""
     for name, text in files.items():
         (wt.path / name).write_text(text)
     git(wt.path, "add", *files)
     git(wt.path, "commit", "-q", "-m",
-        f"{subject}\n\nWhy: exercise a list conflict.\n\n"
+        f"{subject}\n\nWhy: {why}.\n\n"
         "Signed-off-by: Test Maintainer <maintainer@example.org>",
         env={"GIT_AUTHOR_NAME": "Test Maintainer", "GIT_AUTHOR_EMAIL": "maintainer@example.org",
              "GIT_AUTHOR_DATE": "2026-01-02T03:04:05+0100"})

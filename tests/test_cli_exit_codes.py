@@ -27,8 +27,7 @@ import pytest
 
 from qemupatch import config, workflow
 from qemupatch.build import edk2_standins
-from qemupatch.run import git
-from tests.conftest import REPO_ROOT, Project
+from tests.conftest import REPO_ROOT, Project, commit_files
 
 FAKE_SRC = Path(__file__).parent / "fakeqemusrc"
 FAKE_QEMU = Path(__file__).parent / "fakeqemu" / "qemu-system-x86_64"
@@ -61,12 +60,8 @@ def _fake_project(tmp_path: Path, *, patch_files: dict[str, str],
     m.import_tarball("v0.1", tarball)
     wt = proj.worktree("v0.1")
     wt.reset_to(m.get("v0.1").commit)
-    for name, text in patch_files.items():
-        (wt.path / name).write_text(text)
-        git(wt.path, "add", name)
-    git(wt.path, "commit", "-q", "-m",
-        "fake: change the tree for one test\n\nWhy: provoke one exit code.\n\n"
-        "Signed-off-by: Test Maintainer <maintainer@example.org>")
+    commit_files(wt, patch_files, "fake: change the tree for one test",
+                 why="provoke one exit code")
     workflow.export(cfg, "v0.1")
     return proj
 
