@@ -37,7 +37,13 @@ from qemupatch import report as rpt
 from qemupatch.errors import Conflict, UserError
 from qemupatch.rebase import RESOLUTIONS, Step, apply_resolving
 from qemupatch.run import git
-from qemupatch.series import SERIES_FILE, Series, apply_series, read_series, write_series
+from qemupatch.series import (
+    SERIES_FILE,
+    Series,
+    apply_series,
+    read_series,
+    write_series,
+)
 from qemupatch.worktree import CARRIED_PREFIX, WorkTree
 
 RELEASES = "releases"  # in patches/: one folder of fix-ups per release
@@ -124,8 +130,8 @@ def carry_series(wt: WorkTree, series: Series, patches_dir: Path, base_commit: s
                 f"onto {release}: {step.detail}\n"
                 + "".join(f"  {why}\n" for why in step.unresolved)
                 + f"  record a resolution: qemupatch rebase --onto {release}, resolve, "
-                "git add, qemupatch rebase --continue (kept in patches/resolutions/), "
-                "then qemupatch rebase --abort")
+                "git add, qemupatch rebase --continue (kept in patches/resolutions/; "
+                f"the rebased branch is not exported), then qemupatch apply --base {release}")
         steps.append(step)
         if step.outcome != rpt.DROPPED:
             commits.append(wt.head())

@@ -187,11 +187,11 @@ class Rebase:
             outcome = dict(stop["outcome"])
             outcome.update(resolved=resolved, commit=wt.head() if resolved else None,
                            seconds=outcome["seconds"] + time.monotonic() - start)
-            if resolved and (kept := self._record(wt, stop, state)):
-                outcome["detail"] += f"; resolution recorded in {', '.join(kept)}"
             if not resolved:
                 outcome.update(outcome=rpt.DROPPED,
                                detail="conflict resolved to no change: dropped")
+            if kept := self._record(wt, stop, state):
+                outcome["detail"] += f"; resolution recorded in {', '.join(kept)}"
             state.outcomes.append(outcome)
             state.stopped = None
             state.next_index = stop["index"] + 1
@@ -432,7 +432,8 @@ def apply_resolving(wt: WorkTree, patch_file: Path, patch: Patch, resolutions_di
         if res.empty:
             wt.am_abort()
             return Step(rpt.DROPPED, "already upstream: nothing left after resolving "
-                        "the conflicts")
+                        "the conflicts (" + _describe(resolutions) + ")",
+                        resolutions=tuple(resolutions))
         left = [f"resolved, but git am --continue failed: {res.output.strip()}"]
     files = wt.unmerged_files() or list(stages) or _rejected_files(res.output, patch)
     return Step(rpt.CONFLICT, f"conflict in {', '.join(files) or 'the patch'}",

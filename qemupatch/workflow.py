@@ -16,6 +16,7 @@ from qemupatch.errors import CheckFailed, Conflict, UserError
 from qemupatch.report import CheckResult
 from qemupatch.run import git, run
 from qemupatch.series import (
+    Patch,
     Series,
     apply_series,
     export_series,
@@ -93,11 +94,12 @@ def build_source(cfg: Config, base: str | None = None) -> tuple[Release, WorkTre
     staging.reset_to(rel.commit, allow_dirty=True)
     stack = carry.apply_stack(staging, series, cfg.patches_dir, name, base_commit)
     # What was applied is what patches/ holds, normalized (else a build
-    # would test something no export would write).
-    checked = stack.fixups if carry.is_carried(series, name) else series
-    if checked.patches or not carry.is_carried(series, name):
-        again = export_series(staging, name, stack.fixups_start, checked)
-        if [p.text for p in again.patches] != [p.text for p in checked.patches]:
+    # would test something no export would write).  Not for fix-ups: a
+    # change to the base series changes their index lines, and it must
+    # reach every release without an export per release.
+    if not carry.is_carried(series, name):
+        again = export_series(staging, name, rel.commit, series)
+        if [p.text for p in again.patches] != [p.text for p in series.patches]:
             raise CheckFailed("apply -> export is not byte-identical to patches/ "
                               "(run qemupatch export, or qemupatch check for details)")
     wt = WorkTree(cfg.mirror_dir, cfg.cache_dir / "pipeline" / name / "src",
@@ -191,9 +193,13 @@ def check(cfg: Config, base: str | None = None, checkpatch: bool = False) -> lis
         f"{len(checked.patches)} patches applied as {len(first.patches)} commits "
         "(an empty patch?)"))
     for old, new in zip(checked.patches, first.patches):
+        # A fix-up whose base series changed since its export differs in
+        # index lines and line numbers only: the same change.
+        same = old.text == new.text or (carried and _same_change(old, new))
         results.append(CheckResult(
-            "normalized", old.name, old.text == new.text and old.name == new.name,
-            "export would change this file; run qemupatch export"))
+            "normalized", old.name, same and old.name == new.name,
+            "export would change this file; run qemupatch export"
+            + (f" --base {rel.name}" if carried else "")))
     again = WorkTree(cfg.mirror_dir, cfg.cache_dir / "check" / f"{rel.name}-roundtrip",
                      f"qemupatch-check/{rel.name}-roundtrip")
     again.reset_to(start, allow_dirty=True)
@@ -216,6 +222,10 @@ def check(cfg: Config, base: str | None = None, checkpatch: bool = False) -> lis
                                        res.output.strip()))
     _raise_if_failed(results)
     return results
+
+
+def _same_change(a: Patch, b: Patch) -> bool:
+    return (a.subject, a.body, a.change_lines()) == (b.subject, b.body, b.change_lines())
 
 
 def _raise_if_failed(results: list[CheckResult]) -> None:
