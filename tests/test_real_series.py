@@ -31,12 +31,16 @@ def test_import_apply_roundtrip_check_and_rebase(tmp_path):
     assert add_release(cfg, mirror, "v10.2.2") == rel  # re-import is a no-op
 
     # Apply, then export: byte-identical to what is shipped.
-    before = {p.name: p.read_bytes() for p in cfg.patches_dir.iterdir()}
+    def files():
+        return {str(p.relative_to(cfg.patches_dir)): p.read_bytes()
+                for p in cfg.patches_dir.rglob("*") if p.is_file()}
+
+    before = files()
     applied = workflow.apply(cfg)
     assert len(applied.commits) == len(shipped.patches)
     assert (applied.worktree / "hw/misc/vmsocket.c").exists()
     workflow.export(cfg)
-    assert {p.name: p.read_bytes() for p in cfg.patches_dir.iterdir()} == before
+    assert files() == before  # resolutions/ and releases/ included
 
     # Every check, QEMU's own checkpatch.pl included.
     results = workflow.check(cfg, checkpatch=True)
