@@ -275,6 +275,10 @@ def _qemu_script(standins: list[str], jobs: int, configure_args: tuple[str, ...]
         ]
     conf = " ".join(shlex.quote(a) for a in configure_args)
     lines += [
+        # A work tree's .git file makes 7.2-era configure update git
+        # submodules (no network here): the tree is a release, drop it
+        # from the overlay (writable, discarded; the user's tree keeps it).
+        'rm -rf "$SRC/.git"',
         'mkdir -p "$BUILD"',
         'cd "$BUILD"',
         "if [ ! -f build.ninja ]; then",

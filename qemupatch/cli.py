@@ -15,9 +15,10 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from qemupatch import config, lifecycle, report, workflow
+from qemupatch import carry, config, lifecycle, report, workflow
 from qemupatch.errors import CheckFailed, QemupatchError, Terminated, UserError
 from qemupatch.rebase import Rebase
+from qemupatch.series import read_series
 from qemupatch.upstream import add_release
 
 Handler = Callable[[argparse.Namespace, config.Config], int]
@@ -94,6 +95,11 @@ def cmd_apply(ns: argparse.Namespace, cfg: config.Config) -> int:
     """Apply the series onto a release in a work tree, ready to edit and commit."""
     done = workflow.apply(cfg, ns.base, ns.worktree)
     say(f"applied {len(done.commits)} patches on {done.release.name}")
+    for how in done.resolved:
+        say(f"  resolved automatically: {how}")
+    if done.fixups:
+        say(f"  of which {len(done.fixups)} are {done.release.name}'s fix-ups "
+            f"({carry.fixups_dir(cfg.patches_dir, done.release.name)})")
     say(f"work tree: {done.worktree} (branch {done.branch})")
     if done.backup_ref:
         say(f"previous branch saved as {done.backup_ref}")
@@ -107,7 +113,9 @@ def cmd_apply(ns: argparse.Namespace, cfg: config.Config) -> int:
 def cmd_export(ns: argparse.Namespace, cfg: config.Config) -> int:
     """Regenerate patches/ from the work branch, normalized, atomically."""
     series = workflow.export(cfg, ns.base, ns.worktree)
-    say(f"wrote {len(series.patches)} patches based on {series.base} to {cfg.patches_dir}")
+    where = (cfg.patches_dir if series.base == read_series(cfg.patches_dir).base
+             else carry.fixups_dir(cfg.patches_dir, series.base))
+    say(f"wrote {len(series.patches)} patches based on {series.base} to {where}")
     return 0
 
 

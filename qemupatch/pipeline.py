@@ -136,7 +136,9 @@ def run_pipeline(cfg: Config, out_dir: Path, *, release: str | None = None,
         def source():
             rel, wt, commits = workflow.build_source(cfg, rel_name)
             return (rel, wt), {"commit": rel.commit[:12], "source": rel.provenance.origin,
-                               "patches": len(commits), "round_trip": "byte-identical"}
+                               "patches": len(commits),
+                               "round_trip": ("byte-identical" if rel_name == series.base
+                                              else "carried + fix-ups")}
 
         rel, wt = rec.stage("upstream+series", source)
         with Runner.get(engine, cfg.settings) as runner:
