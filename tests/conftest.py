@@ -115,11 +115,34 @@ class Project:
         return WorkTree.for_release(cfg.mirror_dir, cfg.cache_dir, release)
 
 
-def write_config(root: Path, tarballs: dict[str, Path]) -> None:
+def write_config(root: Path, tarballs: dict[str, Path], default: str = "v1.0.0") -> None:
     entries = "".join(
         f'\n[[release]]\nname = "{name}"\ntarball = "{path}"\n' for name, path in tarballs.items())
     (root / "qemupatch.toml").write_text(
-        '[project]\ndefault_release = "v1.0.0"\nprefer = ["tarball"]\n' + entries)
+        f'[project]\ndefault_release = "{default}"\nprefer = ["tarball"]\n' + entries)
+
+
+def synthetic_project(tmp_path: Path, releases: dict[str, dict[str, str]],
+                      commit_series: Callable[[WorkTree], None]) -> Project:
+    """A project whose upstream releases are ``releases`` (name -> files,
+    the first one the series' base), all imported, with the series that
+    ``commit_series`` commits on the base exported to patches/."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    tarballs = {name: make_tarball(tmp_path / f"up-{name[1:]}.tar.gz", f"up-{name[1:]}", files)
+                for name, files in releases.items()}
+    base = next(iter(releases))
+    write_config(root, tarballs, default=base)
+    proj = Project(root, tmp_path / "cache", tarballs)
+    cfg = proj.cfg
+    m = workflow.mirror(cfg)
+    for name, path in tarballs.items():
+        m.import_tarball(name, path)
+    wt = proj.worktree(base)
+    wt.reset_to(m.get(base).commit)
+    commit_series(wt)
+    workflow.export(cfg, base)
+    return proj
 
 
 def commit_change(wt: WorkTree, file: str, key: str, subject: str) -> None:
@@ -131,24 +154,11 @@ def commit_change(wt: WorkTree, file: str, key: str, subject: str) -> None:
 def project(tmp_path: Path) -> Project:
     """A project with releases v1.0.0 and v1.1.0 imported and the six-patch
     series exported on v1.0.0."""
-    root = tmp_path / "proj"
-    root.mkdir()
-    tarballs = {
-        "v1.0.0": make_tarball(tmp_path / "up-1.0.0.tar.gz", "up-1.0.0", V1),
-        "v1.1.0": make_tarball(tmp_path / "up-1.1.0.tar.gz", "up-1.1.0", V2),
-    }
-    write_config(root, tarballs)
-    proj = Project(root, tmp_path / "cache", tarballs)
-    cfg = proj.cfg
-    m = workflow.mirror(cfg)
-    for name, path in tarballs.items():
-        m.import_tarball(name, path)
-    wt = proj.worktree("v1.0.0")
-    wt.reset_to(m.get("v1.0.0").commit)
-    for file, key, subject in PATCHES:
-        commit_change(wt, file, key, subject)
-    workflow.export(cfg, "v1.0.0")
-    return proj
+    def commit_series(wt: WorkTree) -> None:
+        for file, key, subject in PATCHES:
+            commit_change(wt, file, key, subject)
+
+    return synthetic_project(tmp_path, {"v1.0.0": V1, "v1.1.0": V2}, commit_series)
 
 
 # A second synthetic upstream pair, for conflicts that are not hand work:
@@ -223,23 +233,9 @@ def lists_project(tmp_path: Path) -> Project:
     """A project with releases v2.0.0 and v2.1.0 and a five-patch series on
     v2.0.0: two patches whose conflicts are list insertions, one real
     conflict, and two on one file, the second needing a three-way merge."""
-    root = tmp_path / "proj"
-    root.mkdir()
-    tarballs = {
-        "v2.0.0": make_tarball(tmp_path / "up-2.0.0.tar.gz", "up-2.0.0", LISTS_V1),
-        "v2.1.0": make_tarball(tmp_path / "up-2.1.0.tar.gz", "up-2.1.0", LISTS_V2),
-    }
-    write_config(root, tarballs)
-    (root / "qemupatch.toml").write_text(
-        (root / "qemupatch.toml").read_text().replace('"v1.0.0"', '"v2.0.0"'))
-    proj = Project(root, tmp_path / "cache", tarballs)
-    cfg = proj.cfg
-    m = workflow.mirror(cfg)
-    for name, path in tarballs.items():
-        m.import_tarball(name, path)
-    wt = proj.worktree("v2.0.0")
-    wt.reset_to(m.get("v2.0.0").commit)
-    for subject, files in LISTS_PATCHES:
-        commit_files(wt, files, subject)
-    workflow.export(cfg, "v2.0.0")
-    return proj
+    def commit_series(wt: WorkTree) -> None:
+        for subject, files in LISTS_PATCHES:
+            commit_files(wt, files, subject)
+
+    return synthetic_project(tmp_path, {"v2.0.0": LISTS_V1, "v2.1.0": LISTS_V2},
+                             commit_series)
