@@ -38,21 +38,37 @@ def test_pipeline_main_job(tmp_path):
     assert "PASS" in res.stdout
 
 
-def _leftovers(marker: str) -> list[str]:
-    """Containers, podman services, overlay mounts and QEMUs qemupatch left."""
-    found = []
+def _podman_services() -> set[str]:
     ps = subprocess.run(["ps", "-eo", "pid,args", "-ww"], capture_output=True, text=True,
                         timeout=30).stdout
-    for line in ps.splitlines():
-        if "podman system service" in line and "qemupatch-podman-" in line:
-            found.append(f"podman service: {line.strip()}")
-        if "qemu-system" in line and marker in line:
-            found.append(f"QEMU: {line.strip()}")
-    containers = subprocess.run(
-        ["podman", "--runtime", "runc", "ps", "-a", "--filter",
-         "label=org.qemupatch.build", "--format", "{{.ID}} {{.Command}}"],
-        capture_output=True, text=True, timeout=120).stdout
-    found += [f"container: {c}" for c in containers.splitlines() if c.strip()]
+    return {line.strip() for line in ps.splitlines()
+            if "podman system service" in line and "qemupatch-podman-" in line}
+
+
+def _our_containers(marker: str, running_only: bool = False) -> list[str]:
+    """qemupatch's containers that mount something under ``marker`` (so a
+    build elsewhere on the machine is not taken for ours)."""
+    listed = subprocess.run(
+        ["podman", "--runtime", "runc", "ps", *([] if running_only else ["-a"]),
+         "--filter", "label=org.qemupatch.build", "--format", "{{.ID}}"],
+        capture_output=True, text=True, timeout=120).stdout.split()
+    ours = []
+    for cid in listed:
+        info = subprocess.run(["podman", "--runtime", "runc", "inspect", cid],
+                              capture_output=True, text=True, timeout=60).stdout
+        if marker in info:
+            ours.append(cid)
+    return ours
+
+
+def _leftovers(marker: str, services_before: set[str]) -> list[str]:
+    """Containers, podman services, overlay mounts and QEMUs this run left."""
+    found = [f"podman service: {s}" for s in _podman_services() - services_before]
+    ps = subprocess.run(["ps", "-eo", "pid,args", "-ww"], capture_output=True, text=True,
+                        timeout=30).stdout
+    found += [f"QEMU: {line.strip()}" for line in ps.splitlines()
+              if "qemu-system" in line and marker in line]
+    found += [f"container: {c}" for c in _our_containers(marker)]
     mounts = subprocess.run(["findmnt", "-rn", "-t", "overlay", "-o", "TARGET"],
                             capture_output=True, text=True, timeout=30).stdout
     found += [f"mount: {m}" for m in mounts.splitlines() if "qemupatch-overlay" in m]
@@ -86,13 +102,6 @@ def _stop_pipeline_when(out, reached, what: str, timeout: float = 900) -> dict:
     return json.loads(record.read_text())
 
 
-def _container_running() -> bool:
-    out = subprocess.run(["podman", "--runtime", "runc", "ps", "--filter",
-                          "label=org.qemupatch.build", "--format", "{{.ID}}"],
-                         capture_output=True, text=True, timeout=120).stdout
-    return bool(out.strip())
-
-
 def _qemu_running(marker: str) -> bool:
     ps = subprocess.run(["ps", "-eo", "args", "-ww"], capture_output=True, text=True,
                         timeout=30).stdout
@@ -105,16 +114,21 @@ def test_sigterm_during_build_and_boot_leaves_nothing_behind(tmp_path):
     the boot: exit 143, no container, podman service, overlay mount or QEMU
     left, and pipeline.json says where it stopped."""
     out = tmp_path / "pipeline"
+    services = _podman_services()
+    build_json = out / "work" / "qemu" / "build.json"
+
+    def compiling(data: dict) -> bool:
+        return (data.get("running_stage") == "build-qemu" and build_json.exists()
+                and json.loads(build_json.read_text()).get("stage") == "compile"
+                and bool(_our_containers(str(out), running_only=True)))
+
     # A fresh out dir is a fresh build dir: the compile runs long enough to be caught.
-    data = _stop_pipeline_when(
-        out, lambda d: d.get("running_stage") == "build-qemu" and _container_running(),
-        "a running build container")
+    data = _stop_pipeline_when(out, compiling, "a running build container")
     assert data["status"] == "terminated" and data["stopped_at"] == "build-qemu"
     assert data["error"] == "Terminated"
     assert [s["name"] for s in data["stages"]] == STAGES[:2] and not data["stages"][-1]["ok"]
-    build_json = json.loads((out / "work" / "qemu" / "build.json").read_text())
-    assert build_json["status"] == "terminated"
-    assert not _leftovers(str(out)), _leftovers(str(out))
+    assert json.loads(build_json.read_text())["status"] == "terminated"
+    assert not _leftovers(str(out), services), _leftovers(str(out), services)
 
     data = _stop_pipeline_when(
         out, lambda d: d.get("running_stage") == "boot-test" and _qemu_running(str(out)),
@@ -122,4 +136,4 @@ def test_sigterm_during_build_and_boot_leaves_nothing_behind(tmp_path):
     assert data["status"] == "terminated" and data["stopped_at"] == "boot-test"
     boot_json = json.loads((out / "boot-test" / "boot-test.json").read_text())
     assert boot_json["ok"] is False and boot_json["status"] != "running"
-    assert not _leftovers(str(out)), _leftovers(str(out))
+    assert not _leftovers(str(out), services), _leftovers(str(out), services)
