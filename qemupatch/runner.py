@@ -31,11 +31,12 @@ import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qemupatch.config import Settings
+from qemupatch.engine import RunResult  # the Docker SDK loads only when an engine opens
 from qemupatch.errors import (
     CommandFailed,
     CommandTimeout,
@@ -86,14 +87,6 @@ class Environment:
     @property
     def image_tag(self) -> str | None:
         return str(self.image["tag"]) if self.image else None
-
-
-@dataclass(frozen=True)
-class RunResult:
-    exit_code: int
-    output: str
-    seconds: float
-    command: tuple[str, ...] = field(default=())
 
 
 class Runner(ABC):
@@ -276,12 +269,10 @@ class ContainerRunner(Runner):
         for m in spec.mounts:
             if m.mode == "rw":
                 m.host.mkdir(parents=True, exist_ok=True)
-        result = self.engine.run(
+        return self.engine.run(
             env.image_tag, ["bash", "-c", spec.script], mounts=self._mounts(spec),
             env=self._env(spec), network=spec.network, timeout=timeout,
             idle_timeout=spec.idle_timeout, log_path=log_path, on_line=on_line)
-        return RunResult(result.exit_code, result.output, result.seconds,
-                         tuple(result.command))
 
     def cli_command(self, spec: "BuildSpec", env: Environment, *, scratch: Path) -> str:
         words = [self.name, "run", "--rm"]
