@@ -17,6 +17,8 @@ packages=(
     qemu-system-data seabios busybox-static cpio kmod dpkg-dev
     # the distribution's own QEMU: the stock comparator in the boot tests
     qemu-system-x86
+    # the nightly's HTML report, checked in a real browser (Selenium)
+    chromium chromium-driver
 )
 # containers (podman, runc, debootstrap ...): ci/setup-containers.sh
 missing=()

@@ -49,6 +49,16 @@ class GuestKernel:
 
 
 @dataclass(frozen=True)
+class MatrixSpec:
+    """``[matrix]``: releases × kernels, plus ``include`` cells (dicts with
+    release, kernel and optionally ``required = false``)."""
+
+    releases: tuple[str, ...] = ()
+    kernels: tuple[str, ...] = ()
+    include: tuple[dict, ...] = ()
+
+
+@dataclass(frozen=True)
 class Settings:
     """This machine's settings, read once from the environment by
     :func:`load` and passed down; nothing below reads the environment."""
@@ -66,7 +76,7 @@ class Settings:
     docker_host: str | None = None
 
     @classmethod
-    def from_environ(cls, env: Mapping[str, str]) -> "Settings":
+    def from_environ(cls, env: Mapping[str, str]) -> Settings:
         default = cls()
         return cls(
             no_pull=env.get("QEMUPATCH_NO_PULL") == "1",
@@ -87,6 +97,7 @@ class Config:
     releases: tuple[ReleaseSource, ...]
     prefer: tuple[str, ...] = SOURCE_KINDS
     kernels: tuple[GuestKernel, ...] = field(default=())
+    matrix: MatrixSpec = field(default_factory=MatrixSpec)
     settings: Settings = field(default_factory=Settings)
 
     def release(self, name: str) -> ReleaseSource | None:
@@ -156,6 +167,17 @@ def load(root: Path | None = None, cache_dir: Path | None = None,
             kernels.append(GuestKernel(**entry))
         except TypeError as exc:
             raise UserError(f"{path}: bad [[kernel]] entry {entry}: {exc}") from exc
+    matrix = data.get("matrix", {})
+    try:
+        matrix_spec = MatrixSpec(
+            releases=tuple(matrix.get("releases", (r.name for r in releases))),
+            kernels=tuple(matrix.get("kernels", (k.name for k in kernels[:1]))),
+            include=tuple(dict(c) for c in matrix.get("include", ())))
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{path}: bad [matrix] table: {exc}") from exc
+    for cell in matrix_spec.include:
+        if not {"release", "kernel"} <= cell.keys():
+            raise UserError(f"{path}: [[matrix.include]] {cell} needs release and kernel")
     prefer = tuple(project.get("prefer", SOURCE_KINDS))
     if bad := [p for p in prefer if p not in SOURCE_KINDS]:
         raise UserError(f"{path}: unknown source kind(s) in prefer: {bad}")
@@ -171,5 +193,6 @@ def load(root: Path | None = None, cache_dir: Path | None = None,
         releases=tuple(releases),
         prefer=prefer,
         kernels=tuple(kernels),
+        matrix=matrix_spec,
         settings=Settings.from_environ(env),
     )
