@@ -123,3 +123,31 @@ def test_every_release_gets_the_series_and_its_fixups(tmp_path, release):
         assert "softmmu_ss.add(when: 'CONFIG_VMSOCKET'" in meson
         assert not (wt.path / "docs/specs/pci-ids.rst").exists()
         assert "1af4:10f0  vmsocket" in (wt.path / "docs/specs/pci-ids.txt").read_text()
+
+
+# A QEMU 10.x release that qemupatch.toml, the resolutions and the fix-ups
+# do not name: Debian trixie's stable update.
+UNNAMED_RELEASE = ("v10.0.13", "1:10.0.13+ds-0+deb13u1")
+
+
+def test_rebase_onto_a_release_no_one_named_needs_no_hand_work(tmp_path):
+    """The issue's goal: a rebase onto a 10.x release that no test, table or
+    recorded resolution names completes with --keep-going and no conflict,
+    and the report says which resolutions were made and that no patch
+    changed its meaning."""
+    cfg = real_project(tmp_path)
+    name, debian = UNNAMED_RELEASE
+    assert cfg.release(name) is None
+    assert not (cfg.patches_dir / "releases" / name).exists()
+    mirror = workflow.mirror(cfg)
+    add_release(cfg, mirror, read_series(cfg.patches_dir).base)
+    add_release(cfg, mirror, name, debian=debian)
+    rep = Rebase(mirror, cfg.cache_dir, cfg.patches_dir).start(name, keep_going=True)
+    assert rep.status == "complete"
+    assert rep.unresolved_conflicts == []
+    assert rep.count(report.SKIPPED) == 0
+    replayed = [r for o in rep.outcomes for r in o.resolutions]
+    assert replayed, "upstream's toctree differs: a list insertion must be reported"
+    md = report.rebase_markdown(rep)
+    assert "Resolutions replayed" in md
+    assert "No patch changed its meaning" in md
