@@ -122,6 +122,10 @@ class BuildSpec:
     # is unchanged.  Empty for QEMU: its tree is too big to hash per run,
     # and ninja is its incremental build.
     inputs: tuple[Path, ...] = ()
+    # What the caller already knows identifies the inputs (QEMU: the git
+    # tree id of its source): reused the same way as ``inputs``, with no
+    # file hashed, so an unchanged tree runs no ninja at all.
+    inputs_id: str | None = None
     record: str = "build.json"
     reproduce: str = "reproduce.sh"
     log: str = "compile.log"
@@ -226,9 +230,11 @@ def dockerfile_for(project_root: Path, suite: str) -> Path:
 def qemu_spec(source: Path, *, release: str, repacked: bool, build_dir: Path,
               ccache_dir: Path, project_root: Path,
               options: QemuBuildOptions = QemuBuildOptions(),
-              patches: Path | None = None, call: Call) -> BuildSpec:
+              patches: Path | None = None, source_id: str | None = None,
+              call: Call) -> BuildSpec:
     """Configure and compile QEMU's x86_64-softmmu; the source is an overlay
-    (writable, never written back), so stand-ins never reach the user's tree."""
+    (writable, never written back), so stand-ins never reach the user's tree.
+    ``source_id``: the source's identity (a git tree id), for reuse."""
     if options.ccache not in CCACHE_MODES:
         raise UserError(f"unknown ccache mode {options.ccache!r}; "
                         f"one of {', '.join(CCACHE_MODES)}")
@@ -246,9 +252,9 @@ def qemu_spec(source: Path, *, release: str, repacked: bool, build_dir: Path,
         dockerfile=project_root / "Dockerfile",
         artifacts=tuple(Path(t).name for t in targets), main_artifact=QEMU_BINARY,
         deadline=options.timeout, idle_timeout=options.idle_timeout,
-        version=version,
+        version=version, inputs_id=source_id,
         facts={"release": release, "qemu_version": version, "source": str(source),
-               "repacked": repacked, "edk2_standins": standins,
+               "source_id": source_id, "repacked": repacked, "edk2_standins": standins,
                "series_hash": series_hash(patches),
                "patches": str(patches) if patches else None,
                "configure": list(options.configure_args), "jobs": options.jobs,
@@ -408,7 +414,7 @@ def execute(spec: BuildSpec, runner: Runner, out_dir: Path,
                              on_line=progress.line)
         scratch = out_dir / ".host-work"
         command = runner.cli_command(spec, env, scratch=scratch)
-        key = inputs_key(spec, env) if spec.inputs else None
+        key = inputs_key(spec, env) if spec.inputs or spec.inputs_id else None
         record.update(stage="compile", image=_image_block(env), packages=list(env.packages),
                       compiler=env.compiler, tools=list(env.tools), command=command,
                       inputs_key=key)
@@ -467,9 +473,10 @@ def _result(spec: BuildSpec, runner: Runner, out_dir: Path, artifacts: list[Path
 
 
 def inputs_key(spec: BuildSpec, env: Environment) -> str:
-    """sha256 over everything the output of a build with ``inputs`` depends
-    on: the script and its settings, the environment (image ID, or the
-    host's compiler and packages) and every file of its inputs."""
+    """sha256 over everything the output of a build with ``inputs`` (or an
+    ``inputs_id``) depends on: the script and its settings, the environment
+    (image ID, or the host's compiler and packages), the inputs' identity
+    and every file of its inputs."""
     digest = hashlib.sha256()
     digest.update(json.dumps({
         "schema": SCHEMA, "kind": spec.kind, "name": spec.name, "script": spec.script,
@@ -477,6 +484,7 @@ def inputs_key(spec: BuildSpec, env: Environment) -> str:
         "artifacts": list(spec.artifacts), "vermagic": spec.vermagic,
         "image": (env.image or {}).get("id"), "compiler": env.compiler,
         "packages": list(env.packages) if env.image is None else None,
+        "inputs_id": spec.inputs_id,
     }, sort_keys=True).encode())
     for top in spec.inputs:
         files = sorted(p for p in top.rglob("*") if p.is_file()) if top.is_dir() else [top]
@@ -631,13 +639,16 @@ def build_qemu(source: Path, out_dir: Path, *, release: str, repacked: bool,
                runner: Runner, project_root: Path,
                options: QemuBuildOptions = QemuBuildOptions(),
                patches: Path | None = None, progress: Progress | None = None,
-               ) -> BuildResult:
+               source_id: str | None = None) -> BuildResult:
     """Configure and compile QEMU's x86_64-softmmu from ``source``.
 
     ``repacked``: ``source`` comes from Debian's repacked tarball; empty
     ``pc-bios/edk2-*.fd.bz2`` stand-ins are made in the build's own view of
     the tree, never in ``source``.  ``patches`` is hashed into build.json.
-    ``project_root`` holds the ``Dockerfile``.
+    ``project_root`` holds the ``Dockerfile``.  ``source_id`` (the git tree
+    id of ``source``, which must then be clean): the last artifacts in
+    ``out_dir`` are reused, with no ninja run, while it, the options and
+    the build image are unchanged.
     """
     source, out_dir = Path(source).resolve(), Path(out_dir).resolve()
     if not (source / "configure").is_file():
@@ -646,11 +657,31 @@ def build_qemu(source: Path, out_dir: Path, *, release: str, repacked: bool,
     ccache_dir = (options.ccache_dir or out_dir / "ccache").resolve()
     call = Call("build_qemu", (source, out_dir), {
         "release": release, "repacked": repacked, "project_root": project_root,
-        "options": options, "patches": patches})
+        "options": options, "patches": patches, "source_id": source_id})
     spec = qemu_spec(source, release=release, repacked=repacked, build_dir=build_dir,
                      ccache_dir=ccache_dir, project_root=project_root, options=options,
-                     patches=patches, call=call)
+                     patches=patches, source_id=source_id, call=call)
+    spec = with_ccache_remote(spec, runner.settings.ccache_remote,
+                              runner.settings.ccache_remote_dir)
     return execute(spec, runner, out_dir, progress or TerminalProgress())
+
+
+def with_ccache_remote(spec: BuildSpec, remote: str | None,
+                       folder: Path | None = None) -> BuildSpec:
+    """``spec`` with ccache's remote storage behind its local cache, so CI
+    runners share compiles (QEMUPATCH_CCACHE_REMOTE, checked by Settings).
+    A ``file:`` remote's ``folder`` is mounted (a container sees it at
+    /ccache-remote); a server URL (http:, redis:) is passed as is."""
+    if not remote:
+        return spec
+    facts = {**spec.facts, "ccache_remote": remote}
+    if folder is None:
+        return replace(spec, env={**spec.env, "CCACHE_REMOTE_STORAGE": remote}, facts=facts)
+    _, bar, attrs = remote.partition("|")
+    line = 'export CCACHE_REMOTE_STORAGE="file:$CCACHE_REMOTE"' + (
+        shlex.quote(bar + attrs) if bar else "")
+    return replace(spec, script=f"{line}\n{spec.script}", facts=facts,
+                   mounts=(*spec.mounts, Mount("CCACHE_REMOTE", folder, "/ccache-remote", "rw")))
 
 
 def build_module(module_src: Path, kernel: GuestKernel, out_dir: Path, *,

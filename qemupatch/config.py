@@ -74,6 +74,14 @@ class Settings:
     debian_security_mirror: str | None = None
     # DOCKER_HOST: the Docker daemon to try first.
     docker_host: str | None = None
+    # QEMUPATCH_CCACHE_REMOTE: ccache's remote storage shared by CI runners
+    # (file:/mnt/shared/ccache, redis://host, http://host/ccache), given to
+    # QEMU builds as CCACHE_REMOTE_STORAGE (a file: folder is mounted).
+    ccache_remote: str | None = None
+    # QEMUPATCH_IMAGE_REGISTRY: where build images are pulled from before a
+    # build and pushed to after one (ghcr.io/org/qemupatch); a failure there
+    # is a warning, the image is then built locally.
+    image_registry: str | None = None
 
     @classmethod
     def from_environ(cls, env: Mapping[str, str]) -> Settings:
@@ -85,7 +93,63 @@ class Settings:
             debian_mirror=env.get("QEMUPATCH_DEBIAN_MIRROR") or None,
             debian_security_mirror=env.get("QEMUPATCH_DEBIAN_SECURITY_MIRROR") or None,
             docker_host=env.get("DOCKER_HOST") or None,
+            ccache_remote=_ccache_remote(env.get("QEMUPATCH_CCACHE_REMOTE", "").strip()),
+            image_registry=_image_registry(env.get("QEMUPATCH_IMAGE_REGISTRY", "").strip()),
         )
+
+    @property
+    def ccache_remote_dir(self) -> Path | None:
+        """The shared folder of a ``file:`` ccache remote (mounted into
+        container builds), else None."""
+        url = (self.ccache_remote or "").partition("|")[0]
+        if not url.startswith("file:"):
+            return None
+        return Path(url.removeprefix("file:").removeprefix("//"))
+
+
+CCACHE_REMOTE_SCHEMES = ("file", "http", "redis")
+
+
+def _ccache_remote(value: str) -> str | None:
+    """QEMUPATCH_CCACHE_REMOTE checked: one ccache remote storage URL
+    (``|attribute=value`` suffixes allowed) without a password, because
+    the URL is written into build records and reproduce.sh, which CI
+    publishes."""
+    if not value:
+        return None
+    what = f"QEMUPATCH_CCACHE_REMOTE={value!r}"
+    if any(c.isspace() for c in value):
+        raise UserError(f"{what}: give one remote storage URL (no spaces)")
+    url = value.partition("|")[0]
+    scheme, colon, rest = url.partition(":")
+    if not colon or scheme not in CCACHE_REMOTE_SCHEMES:
+        raise UserError(f"{what}: not a ccache remote storage URL; one of "
+                        "file:/shared/folder, http://host/path, redis://host[:port]")
+    if scheme == "file":
+        if not rest.removeprefix("//").startswith("/"):
+            raise UserError(f"{what}: a file: remote needs an absolute folder, "
+                            "e.g. file:/mnt/shared/ccache")
+    elif not rest.startswith("//") or not rest[2:]:
+        raise UserError(f"{what}: {scheme}: needs a host, e.g. {scheme}://host")
+    elif "@" in rest[2:].partition("/")[0]:
+        raise UserError(f"{what}: has credentials, which would reach the published build "
+                        "records; use a cache the runners reach without a password")
+    return value
+
+
+def _image_registry(value: str) -> str | None:
+    """QEMUPATCH_IMAGE_REGISTRY checked: a repository prefix such as
+    ``ghcr.io/org/qemupatch`` (no scheme, no tag)."""
+    if not value:
+        return None
+    what = f"QEMUPATCH_IMAGE_REGISTRY={value!r}"
+    if "://" in value or any(c.isspace() for c in value) or value.endswith("/"):
+        raise UserError(f"{what}: give a repository prefix like ghcr.io/org/qemupatch "
+                        "(no scheme, no trailing slash)")
+    last = value.rsplit("/", 1)[-1]
+    if ":" in last or "@" in last:
+        raise UserError(f"{what}: no tag or digest; qemupatch tags images by content hash")
+    return value
 
 
 @dataclass(frozen=True)
