@@ -5,7 +5,11 @@
     ensure_image(engine, dockerfile, buildargs=, timeout=)  -> Image
         built unless an image with the same content hash exists: the tag
         ``<repository>:<suite>-<hash>`` covers the Dockerfile, its
-        effective build args, the context files and the base image's ID
+        effective build args, the context files and the base image's ID.
+        With ``settings.image_registry`` (QEMUPATCH_IMAGE_REGISTRY) CI
+        runners share images: ``<registry>/<tag>`` is pulled before a
+        build and pushed after one; a registry failure is only a warning
+        (the image is built locally, never a failed build)
     ensure_base_image(engine, "debian:bookworm", timeout=)  -> BaseImage
         the FROM image: local, else pulled (unless settings.no_pull), else
         (debian:<suite> only) debootstrapped by ``debian.py`` and imported
@@ -58,6 +62,8 @@ class Image:
     base: str              # the FROM image and its origin
     dockerfile: str
     dockerfile_sha256: str
+    pulled_from: str = ""  # the registry reference it came from, if pulled
+    pushed_to: str = ""    # the registry reference it was pushed to after the build
 
 
 @dataclass(frozen=True)
@@ -79,8 +85,10 @@ def ensure_image(engine: Engine, dockerfile: Path, *,
                  context_files: Mapping[str, Path] | None = None,
                  repository: str = "qemupatch-build", timeout: float = 1800,
                  idle_timeout: float | None = 900, log_path: Path | None = None,
-                 on_line: LineCallback | None = None) -> Image:
-    """Build ``dockerfile`` unless an image with the same content hash exists.
+                 on_line: LineCallback | None = None,
+                 registry_timeout: float = 600) -> Image:
+    """Build ``dockerfile`` unless an image with the same content hash exists
+    (here, or in ``engine.settings.image_registry``: see the module docstring).
 
     ``context_files`` (default: :func:`dockerfile_context_files` with
     ``engine.settings.ca_bundle``) are copied into an otherwise empty
@@ -108,7 +116,15 @@ def ensure_image(engine: Engine, dockerfile: Path, *,
             "dockerfile_sha256": hashlib.sha256(dockerfile.read_bytes()).hexdigest()}
     if existing := engine.image_id(tag):
         return Image(id=existing, built=False, seconds=0.0, **made)
+    registry = engine.settings.image_registry
     start = time.monotonic()
+    if registry:
+        shared = f"{registry}/{tag}"
+        if pulled := _pull_shared(engine, shared, tag, content_hash,
+                                  min(registry_timeout, deadline - time.monotonic()),
+                                  log_path, on_line):
+            return Image(id=pulled, built=False, seconds=time.monotonic() - start,
+                         pulled_from=shared, **made)
     with tempfile.TemporaryDirectory(prefix="qemupatch-context-") as ctx:
         shutil.copyfile(dockerfile, Path(ctx) / "Dockerfile")
         for dest, src in context_files.items():
@@ -120,7 +136,110 @@ def ensure_image(engine: Engine, dockerfile: Path, *,
                              labels={IMAGE_LABEL: content_hash},
                              timeout=max(1.0, deadline - time.monotonic()),
                              idle_timeout=idle_timeout, log_path=log_path, on_line=on_line)
-    return Image(id=image, built=True, seconds=time.monotonic() - start, **made)
+    seconds = time.monotonic() - start
+    pushed = ""
+    if registry:
+        pushed = _push_shared(engine, tag, f"{registry}/{tag}", registry_timeout,
+                              log_path, on_line)
+    return Image(id=image, built=True, seconds=seconds, pushed_to=pushed, **made)
+
+
+def _pull_shared(engine: Engine, shared: str, tag: str, content_hash: str, timeout: float,
+                 log_path: Path | None, on_line: LineCallback | None) -> str | None:
+    """The image another runner pushed as ``shared``, tagged ``tag`` here;
+    None (a warning in the log) when the registry has none or fails."""
+    sink = LogSink(log_path, on_line)
+    repository, _, remote_tag = shared.rpartition(":")
+    sink.write(f"qemupatch: pulling {shared} (deadline {timeout:.0f} s)\n")
+    try:
+        _registry_stream(engine, f"pulling {shared}", max(1.0, timeout),
+                         lambda api: api.pull(repository, tag=remote_tag, stream=True,
+                                              decode=True))
+        found = _exactly(engine, shared)
+        if found is None:
+            raise EngineError("the registry sent no image")
+        image, label = found.id, (found.labels or {}).get(IMAGE_LABEL)
+        if label != content_hash:
+            engine.remove_image(shared)
+            raise EngineError(f"its {IMAGE_LABEL} label is {label!r}, not this content "
+                              "hash; not used")
+        name, _, local_tag = tag.rpartition(":")
+        engine._call(lambda: engine.client.api.tag(image, name, local_tag),
+                     timeout=engine.api_timeout, what=f"tagging {shared} as {tag}")
+        engine.remove_image(shared)     # one name per image, as a local build has
+    except EngineError as exc:
+        if engine.closed:
+            sink.close()
+            raise
+        sink.write(f"qemupatch: warning: cannot use {shared} from the registry, building "
+                   f"locally: {_first_line(exc)}\n")
+        sink.close()
+        return None
+    sink.write(f"qemupatch: pulled {shared} ({image[:19]}) instead of building it\n")
+    sink.close()
+    return image
+
+
+def _push_shared(engine: Engine, tag: str, shared: str, timeout: float,
+                 log_path: Path | None, on_line: LineCallback | None) -> str:
+    """Push the image just built as ``shared`` for the other runners; its
+    reference, or "" (a warning in the log) when the registry fails."""
+    sink = LogSink(log_path, on_line)
+    repository, _, remote_tag = shared.rpartition(":")
+    sink.write(f"qemupatch: pushing {shared} (deadline {timeout:.0f} s)\n")
+    try:
+        engine._call(lambda: engine.client.api.tag(tag, repository, remote_tag),
+                     timeout=engine.api_timeout, what=f"tagging {tag} as {shared}")
+        try:
+            _registry_stream(engine, f"pushing {shared}", timeout,
+                             lambda api: api.push(repository, tag=remote_tag, stream=True,
+                                                  decode=True))
+        finally:
+            engine.remove_image(shared)     # the tag only: the image keeps ``tag``
+    except EngineError as exc:
+        if engine.closed:
+            sink.close()
+            raise
+        sink.write(f"qemupatch: warning: cannot push {shared}; other runners will build "
+                   f"it themselves: {_first_line(exc)}\n")
+        sink.close()
+        return ""
+    sink.write(f"qemupatch: pushed {shared}\n")
+    sink.close()
+    return shared
+
+
+def _registry_stream(engine: Engine, what: str, timeout: float, request) -> None:
+    """A pull or push with a deadline; the registry's own complaint (sent
+    inside the stream, not as an HTTP error) becomes EngineError."""
+    errors: list[str] = []
+
+    def handle(item: object) -> None:
+        if isinstance(item, dict) and (item.get("error") or item.get("errorDetail")):
+            errors.append(str(item.get("error") or item.get("errorDetail")))
+
+    why = engine._stream(what, request, timeout=timeout, idle_timeout=None, handle=handle)
+    if why:
+        raise EngineError(f"{what} ran past its {timeout:.0f} s deadline and was abandoned")
+    if errors:
+        raise EngineError(errors[0])
+
+
+def _exactly(engine: Engine, name: str):
+    """The image called exactly ``name`` (a registry host:port included), or None."""
+    import docker.errors
+
+    def find():
+        try:
+            return engine.client.images.get(name)
+        except docker.errors.ImageNotFound:
+            return None
+
+    return engine._call(find, timeout=engine.api_timeout, what=f"looking up image {name}")
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:300]
 
 
 def ensure_base_image(engine: Engine, name: str, *, timeout: float = 900,
