@@ -268,6 +268,83 @@ def cmd_pipeline(ns: argparse.Namespace, cfg: config.Config) -> int:
     return res.exit_code
 
 
+@command(
+    arg("--qemu", type=Path, help="a patched QEMU built with ASan+UBSan "
+        "(default: build one for --release, ccache makes it cheap after the first time)"),
+    arg("--release", help="upstream release to build (default: the series' base)"),
+    arg("--engine", choices=["auto", "docker", "podman", "host"], default="auto"),
+    arg("--seed", type=int, help="first seed (default: a random one, printed)"),
+    arg("--seeds", type=int, default=1, help="how many seeds, one QEMU each (default 1)"),
+    arg("--ops", type=int, help="operations per seed (default 3000 unless --minutes)"),
+    arg("--minutes", type=float, help="run each seed this long instead of --ops"),
+    arg("--out", type=Path, default=Path("out/fuzz"), help="results folder"),
+)
+def cmd_fuzz(ns: argparse.Namespace, cfg: config.Config) -> int:
+    """Fuzz the device under ASan/UBSan: hostile registers, buffers, PCI, MSI, resets."""
+    from qemupatch import fuzz
+    from qemupatch.runner import Runner
+
+    qemu = ns.qemu
+    if qemu is None:
+        with Runner.get(ns.engine, cfg.settings) as runner:
+            qemu = fuzz.build_sanitized_qemu(cfg, ns.release, runner=runner).binary
+    results = fuzz.run_seeds(qemu, ns.out, first_seed=ns.seed, seeds=ns.seeds,
+                             operations=ns.ops, seconds=ns.minutes and ns.minutes * 60,
+                             say=progress)
+    for r in results:
+        say(f"seed {r.seed}: {r.operations} operations in {r.seconds:.1f} s "
+            f"({r.ops_per_second:.0f}/s): {'no finding' if r.ok else 'FINDINGS'}")
+        for finding in r.findings:
+            say(f"  {finding}\n  reproduce: {r.reproduce(qemu)}")
+    return 0 if all(r.ok for r in results) else 1
+
+
+@command(
+    arg("version", help="MAJOR.MINOR.PATCH (docs/release.md), tagged v<VERSION>"),
+    arg("--matrix", type=Path, help="the matrix run folder (default: out/nightly/latest)"),
+    arg("--dist", type=Path, help="where the release files go (default: dist/v<VERSION>)"),
+    arg("--check", action="store_true", help="only say whether the release would be made"),
+)
+def cmd_release(ns: argparse.Namespace, cfg: config.Config) -> int:
+    """Tag a version and write dist/, only when the matrix is green for this series."""
+    from qemupatch import release
+
+    if ns.check:
+        plan = release.check_release(cfg, ns.version, ns.matrix, dist_dir=ns.dist)
+        say(f"{plan.tag} may be tagged: series {plan.series_hash[:12]}, matrix run "
+            f"{plan.run.run_id} ({plan.run.outcome}), {len(plan.cells)} targets green")
+        return 0
+    rel = release.make_release(cfg, ns.version, ns.matrix, ns.dist)
+    plan = rel.plan
+    say(f"tagged {rel.tag} on {plan.project_commit[:12]}: series {plan.series_hash[:12]}, "
+        f"matrix run {plan.run.run_id} ({plan.run.outcome})")
+    for name, kernels in plan.releases.items():
+        say(f"  supports {name} with Linux {', '.join(kernels)} guests")
+    say(f"{rel.dist_dir}:")
+    for name in rel.files:
+        say(f"  {name}")
+    say(f"publish: git push origin {rel.tag}")
+    return 0
+
+
+@command(
+    arg("--matrix", type=Path, help="a matrix run folder or nightly.json "
+        "(default: the newest green run under out/nightly/)"),
+    arg("--write-readme", action="store_true",
+        help="rewrite README.md's supported-releases block and docs/supported-matrix.json"),
+)
+def cmd_supported(ns: argparse.Namespace, cfg: config.Config) -> int:
+    """Print the supported releases x guest kernels, from the last green matrix run."""
+    from qemupatch import release
+
+    run, path = release.last_green_run(cfg, ns.matrix)
+    say(release.supported_table(run).rstrip())
+    if ns.write_readme:
+        readme, record = release.write_readme(cfg, run, path)
+        say(f"wrote {readme} (block) and {record}")
+    return 0
+
+
 # -- main ------------------------------------------------------------------------
 
 

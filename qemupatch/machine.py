@@ -93,11 +93,14 @@ class QemuMachine:
     machine adds (``-chardev socket,fd=N`` on one end of a socketpair).
     ``deadline``: seconds after which ``run.spawn``'s watchdog stops QEMU
     whatever happens.  ``out_dir`` receives ``qemu.cmdline``, ``qemu.log``
-    (QEMU's stdout and stderr) and ``qmp.jsonl``.
+    (QEMU's stdout and stderr) and ``qmp.jsonl``.  ``env``: added to
+    QEMU's environment (sanitizer options).
     """
 
-    def __init__(self, argv: Sequence[str], out_dir: Path, *, deadline: float) -> None:
+    def __init__(self, argv: Sequence[str], out_dir: Path, *, deadline: float,
+                 env: Mapping[str, str] | None = None) -> None:
         self.argv = tuple(str(a) for a in argv)
+        self.env = dict(env) if env else None
         self.out_dir = out_dir
         self.deadline = deadline
         self.state = Runstate.IDLE
@@ -141,7 +144,7 @@ class QemuMachine:
             self.log_path.write_bytes(b"")
             self._transcript = open(self.out_dir / "qmp.jsonl", "w", encoding="utf-8")
             try:
-                self._process = spawn(argv, deadline=self.deadline, stdout=self.log_path,
+                self._process = spawn(argv, deadline=self.deadline, stdout=self.log_path, env=self.env,
                                       pass_fds=(theirs.fileno(),))
             except OSError as exc:
                 raise QemuStartError(f"could not run {self.argv[0]}: {exc}") from exc
