@@ -269,6 +269,41 @@ def cmd_pipeline(ns: argparse.Namespace, cfg: config.Config) -> int:
 
 
 @command(
+    arg("--out", type=Path, help="run folder (default: out/nightly/<UTC stamp>; "
+        "out/nightly/latest is moved to it when the run ends)"),
+    arg("--target", action="append", metavar="NAME",
+        help="run only this matrix target (repeatable), e.g. v10.2.2-linux-6.1"),
+    arg("--list-targets", action="store_true", help="print the matrix for CI fan-out and exit"),
+    arg("--format", choices=["github", "gitlab", "json"], default="json",
+        help="--list-targets: github (strategy.matrix), gitlab (parallel:matrix) or json"),
+    arg("--stages", help="comma-separated stages to run (default: all); the others are "
+        "skipped"),
+    arg("--engine", choices=["auto", "docker", "podman", "host"], default="auto"),
+    arg("--retries", type=int, default=1, help="tries again after an infrastructure failure"),
+    arg("--backoff", type=float, default=30.0,
+        help="seconds before the first retry (doubling after each)"),
+)
+def cmd_nightly(ns: argparse.Namespace, cfg: config.Config) -> int:
+    """Every release x guest kernel of the matrix: fetch, rebase, build, boot, qtest."""
+    from qemupatch import matrix, nightly
+
+    if ns.list_targets:
+        say(nightly.list_targets(cfg, ns.format))
+        return 0
+    targets = [matrix.find_target(cfg, n) for n in ns.target] if ns.target else None
+    stages = tuple(s.strip() for s in ns.stages.split(",") if s.strip()) if ns.stages \
+        else matrix.STAGES
+    run_dir = ns.out or cfg.root / "out" / "nightly" / nightly.run_id_now()
+    previous = nightly.previous_run(run_dir.parent)
+    run = nightly.run_nightly(cfg, run_dir, targets=targets, stages=stages, engine=ns.engine,
+                              retries=ns.retries, backoff=ns.backoff, previous=previous,
+                              say=progress)
+    say(nightly.table(run, color=sys.stdout.isatty(), previous=previous))
+    say(f"results: {run_dir}")
+    return nightly.exit_code(run)
+
+
+@command(
     arg("--qemu", type=Path, help="a patched QEMU built with ASan+UBSan "
         "(default: build one for --release, ccache makes it cheap after the first time)"),
     arg("--release", help="upstream release to build (default: the series' base)"),
