@@ -13,6 +13,7 @@ errors to codes; the CLI only reads ``exc.exit_code``::
      +-- Failed                         1  the input is fine, the result is not
      |    +-- Conflict                  a patch did not apply
      |    +-- CheckFailed               qemupatch check found problems
+     |    +-- ReleaseRefused            a release gate failed (every reason listed)
      +-- InfraError                     3  the machine let us down
      |    +-- CommandFailed             a command exited non-zero
      |    +-- CommandTimeout            a command ran past its deadline
@@ -90,6 +91,14 @@ class CheckFailed(Failed):
     def __init__(self, message: str, results: Sequence[object] = ()):
         super().__init__(message)
         self.results = list(results)
+
+
+class ReleaseRefused(Failed):
+    """``qemupatch release`` said no; ``reasons`` lists every gate that failed."""
+
+    def __init__(self, version: str, reasons: Sequence[str]):
+        self.reasons = tuple(reasons)
+        super().__init__(f"release {version} refused:\n" + "".join(f"  - {r}\n" for r in reasons))
 
 
 class InfraError(QemupatchError):
