@@ -380,6 +380,24 @@ def cmd_supported(ns: argparse.Namespace, cfg: config.Config) -> int:
     return 0
 
 
+@command(
+    arg("action", choices=["merge"], help="merge: combine nightly run folders of cells run "
+        "apart (qemupatch nightly --target NAME) into one report"),
+    arg("dirs", nargs="+", type=Path, metavar="DIR", help="a cell's nightly run folder"),
+    arg("--out", type=Path, required=True, help="the merged run folder"),
+    arg("--previous", type=Path, help="a run folder or nightly.json to compare with (trend)"),
+)
+def cmd_report(ns: argparse.Namespace, cfg: config.Config) -> int:
+    """Merge nightly cells into one report; exit 1 if a required target is red, 3 infra."""
+    from qemupatch import matrix, matrixreport
+
+    previous = matrix.load_run(ns.previous) if ns.previous else None
+    run = matrixreport.merge(ns.dirs, ns.out, previous)
+    say(matrixreport.table(run, previous=previous))
+    say(f"report: {ns.out / matrixreport.HTML_NAME}")
+    return matrixreport.exit_code(run)
+
+
 # -- main ------------------------------------------------------------------------
 
 

@@ -162,6 +162,12 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def exit_code(run: MatrixRun) -> int:
+    """0: every required target green; 1: a real failure; 3: only the
+    machine let us down (the nightly's own exit codes)."""
+    return {FAIL: 1, INFRA: 3}.get(run.outcome, 0)
+
+
 def counts(run: MatrixRun) -> dict[str, int]:
     """How many targets ended in each outcome."""
     found = {o: 0 for o in mx.OUTCOMES}
