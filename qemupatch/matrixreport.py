@@ -448,7 +448,9 @@ def merge(cell_dirs: Sequence[Path], out_dir: Path,
           previous: MatrixRun | None = None) -> MatrixRun:
     """One run from the run folders of cells run apart: the union of their
     targets (each at most once), their target folders copied into
-    ``out_dir`` so that every link resolves, and the reports written."""
+    ``out_dir`` so that every link resolves, and the reports written.  Its
+    run id is ``out_dir``'s name (as a nightly's), ``merged_from`` lists the
+    cells' run ids, and it spans the first cell's start to the last's end."""
     if not cell_dirs:
         raise UserError("report merge needs at least one nightly run folder")
     out_dir = Path(out_dir)
@@ -481,7 +483,7 @@ def merge(cell_dirs: Sequence[Path], out_dir: Path,
     commits = sorted({r.project_commit for _, r in runs if r.project_commit})
     hosts = {r.run_id: r.host for _, r in runs if r.host}
     merged = MatrixRun(
-        run_id=max(r.run_id for _, r in runs),
+        run_id=out_dir.name,            # as the nightly's: the run folder's name
         series_hash=hashes.pop(),
         started=min(r.started for _, r in runs),
         finished=max(r.finished for _, r in runs),

@@ -36,6 +36,7 @@ from qemupatch.matrix import (
     TargetResult,
 )
 from qemupatch.records import atomic_write
+from tests.conftest import Project
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = json.loads((ROOT / "docs" / "nightly.schema.json").read_text())
@@ -419,7 +420,7 @@ def test_merge_of_cells_run_apart_reads_like_one_run(tmp_path):
         {t.target.name: t for t in whole.targets}
     assert merged.outcome == whole.outcome and merged.series_hash == whole.series_hash
     assert set(merged.merged_from) == {mx.load_run(c).run_id for c in cells}
-    assert merged.run_id == max(merged.merged_from)
+    assert merged.run_id == "merged"
     assert merged.project_commit == whole.project_commit
     assert set(merged.host["cells"]) == set(merged.merged_from)
     # the same trend, the same rows in the table
@@ -505,3 +506,68 @@ def test_cli_report_merge(tmp_path):
     assert res.returncode == 2 and "in two runs to merge" in res.stderr
     res = cli("report", "merge", str(tmp_path / "nope"), "--out", str(tmp_path / "d"))
     assert res.returncode == 2 and "nope" in res.stderr
+
+
+# -- the real nightly's cells, merged ----------------------------------------------------
+
+
+MATRIX_TOML = """
+[[kernel]]
+name = "6.1"
+suite = "bookworm"
+image_package = "linux-image-6.1.0-56-amd64"
+
+[[kernel]]
+name = "6.12"
+suite = "trixie"
+image_package = "linux-image-6.12.117+deb13-amd64"
+
+[matrix]
+releases = ["v2.0.0", "v2.1.0"]
+kernels = ["6.1", "6.12"]
+"""
+
+
+def nightly_cells_and_whole(proj: Project, out: Path) -> tuple[list[Path], Path]:
+    """The synthetic project's matrix (v2.0.0 green, v2.1.0 red: a real
+    conflict) through the real nightly's fetch and rebase: each target on
+    its own with ``qemupatch nightly --target``, as CI runners do, and all
+    of them in one run."""
+    with open(proj.root / "qemupatch.toml", "a") as f:
+        f.write(MATRIX_TOML)
+    names = [t.name for t in mx.targets(proj.cfg)]
+    cells = []
+    for name in names:
+        cells.append(out / "cells" / name)
+        proj.cli("nightly", "--target", name, "--stages", "fetch,rebase", "--out",
+                 str(cells[-1]), check_code=None)
+    proj.cli("nightly", "--stages", "fetch,rebase", "--out", str(out / "whole"), check_code=1)
+    return cells, out / "whole"
+
+
+def test_real_nightly_cells_merged_read_like_one_run(lists_project, tmp_path):
+    cells, whole_dir = nightly_cells_and_whole(lists_project, tmp_path)
+    res = lists_project.cli("report", "merge", *map(str, cells), "--out",
+                            str(tmp_path / "merged"), check_code=1)
+    merged, whole = mx.load_run(tmp_path / "merged"), mx.load_run(whole_dir)
+    assert "FAIL: 4 targets (2 pass, 2 fail)" in res.stdout
+    assert len(merged.merged_from) == 4
+    def outcomes(run: MatrixRun) -> dict:
+        return {(t.target.name, s.stage): (s.outcome, s.reason)
+                for t in run.targets for s in t.stages}
+
+    assert outcomes(merged) == outcomes(whole)
+    assert merged.run_id == "merged"
+    assert set(merged.merged_from) == {c.name for c in cells}
+    assert {t.target.name: t.outcome for t in merged.targets} == {
+        "v2.0.0-linux-6.1": PASS, "v2.0.0-linux-6.12": PASS,
+        "v2.1.0-linux-6.1": FAIL, "v2.1.0-linux-6.12": FAIL}
+    assert merged.series_hash == whole.series_hash and merged.outcome == whole.outcome == FAIL
+    for t in merged.targets:
+        for s in t.stages:
+            for path in s.links.values():
+                assert (tmp_path / "merged" / path).is_file(), path
+    red = merged.target("v2.1.0-linux-6.1").stage("rebase")
+    assert "real.c" in red.reason + red.excerpt
+    validator().validate(json.loads((tmp_path / "merged" / mr.JSON_NAME).read_text()))
+    validator().validate(json.loads((whole_dir / mr.JSON_NAME).read_text()))
