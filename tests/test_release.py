@@ -158,11 +158,29 @@ def test_red_cell_is_named_with_its_stage_and_reason(rproj):
     assert "red cell v1.1.0-linux-k2: boot-test failed: guest test vmsocket-echo failed" in msg
 
 
-def test_infra_cell_is_named(rproj):
-    write_run(rproj, with_stage(green_run(rproj), "v1.0.0-linux-k1", "fetch",
-                                matrix.INFRA, "download failed"))
+def test_infra_cell_is_named_and_the_stages_skipped_after_it_are_not(rproj):
+    run = with_stage(green_run(rproj), "v1.0.0-linux-k1", "fetch", matrix.INFRA,
+                     "download failed")
+    for later in matrix.STAGES[1:]:
+        run = with_stage(run, "v1.0.0-linux-k1", later, matrix.SKIP, "after fetch failed")
+    write_run(rproj, run)
     msg = refusal(rproj)
     assert "infra cell v1.0.0-linux-k1: fetch hit an infrastructure failure: download" in msg
+    assert "after fetch failed" not in msg
+
+
+def test_a_skipped_stage_is_not_a_pass(rproj):
+    write_run(rproj, with_stage(green_run(rproj), "v1.1.0-linux-k1", "patch-builds",
+                                matrix.SKIP, "not asked for (--stages)"))
+    msg = refusal(rproj)
+    assert "cell v1.1.0-linux-k1: patch-builds was skip, not pass: not asked for" in msg
+
+
+def test_matrix_may_be_given_as_its_nightly_json(rproj):
+    run_dir = write_run(rproj, green_run(rproj))
+    plan = release.check_release(rproj.cfg, "1.0.0", run_dir / matrix.RESULT_NAME)
+    assert plan.run_dir == run_dir
+    assert len(release.build_records(plan.run, plan.run_dir)) == 4
 
 
 def test_missing_cell_and_missing_stage_are_named(rproj):
