@@ -307,7 +307,7 @@ def _anchor(target: str, stage: str) -> str:
     return "detail-" + re.sub(r"[^A-Za-z0-9_.-]", "-", f"{target}--{stage}")
 
 
-def _short(text: str, limit: int = 120) -> str:
+def _short(text: str, limit: int = 240) -> str:
     first = text.strip().splitlines()[0] if text.strip() else ""
     return first if len(first) <= limit else first[: limit - 1] + "…"
 

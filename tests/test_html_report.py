@@ -27,6 +27,7 @@ from qemupatch import matrixreport as mr
 from qemupatch.matrix import FAIL, INFRA, STAGES
 from tests.test_matrixreport import (
     COMPILE_ERROR,
+    MATRIX_TOML,
     run_of,
     target_result,
     write_target_folders,
@@ -165,6 +166,33 @@ def test_report_renders_in_chromium(browser, tmp_path):
     browser.get(html.as_uri())
     with pytest.raises(AssertionError, match="does not resolve"):
         check_links(browser, run_dir)
+
+
+def test_merged_report_of_real_nightly_cells_renders(browser, lists_project, tmp_path):
+    """Two cells run apart by the real nightly (fetch and rebase of a
+    synthetic project: v2.0.0 green, v2.1.0 a real conflict), merged with
+    the real CLI: the page shows both rows, the conflict's reason in the red
+    cell, and every link (target.json, the rebase reports) opens."""
+    proj = lists_project
+    with open(proj.root / "qemupatch.toml", "a") as f:
+        f.write(MATRIX_TOML)
+    cells = []
+    for name, code in (("v2.0.0-linux-6.1", 0), ("v2.1.0-linux-6.1", 1)):
+        cells.append(tmp_path / "cells" / name)
+        proj.cli("nightly", "--target", name, "--stages", "fetch,rebase", "--out",
+                 str(cells[-1]), check_code=code)
+    out = tmp_path / "merged"
+    proj.cli("report", "merge", *map(str, cells), "--out", str(out), check_code=1)
+    browser.get((out / mr.HTML_NAME).as_uri())
+    rows = browser.find_elements(By.CSS_SELECTOR, "#matrix tbody tr")
+    assert [r.get_attribute("data-target") for r in rows] == [c.name for c in cells]
+    assert [r.find_element(By.CSS_SELECTOR, "td.outcome").text for r in rows] == ["pass", "fail"]
+    red = rows[1].find_element(By.CSS_SELECTOR, 'td.cell[data-stage="rebase"]')
+    assert red.get_attribute("data-outcome") == "fail"
+    assert "does not carry onto v2.1.0: conflict in real.c" in red.text
+    assert "v2.0.0-linux-6.1, v2.1.0-linux-6.1" in browser.find_element(
+        By.CSS_SELECTOR, "dl.meta").text
+    assert check_links(browser, out) >= 3
 
 
 def test_newest_real_nightly_report_renders(browser):
