@@ -123,6 +123,11 @@ def cmd_export(ns: argparse.Namespace, cfg: config.Config) -> int:
     arg("--base", help="upstream release (default: the series' base)"),
     arg("--checkpatch", action="store_true", help="also run QEMU's scripts/checkpatch.pl"),
     arg("--report-dir", type=Path, help="write check.json and check.junit.xml here"),
+    arg("--builds", action="store_true",
+        help="then build QEMU after each patch (in a container; docs/patch-builds.md); "
+        "results in <report-dir>/patch-builds or out/patch-builds/<base>"),
+    arg("--engine", choices=["auto", "docker", "podman", "host"], default="auto",
+        help="--builds: where QEMU is built"),
 )
 def cmd_check(ns: argparse.Namespace, cfg: config.Config) -> int:
     """Check the series: applies, round-trips, metadata, whitespace, style."""
@@ -133,7 +138,27 @@ def cmd_check(ns: argparse.Namespace, cfg: config.Config) -> int:
         _print_checks(results, ns.report_dir)
         raise
     _print_checks(results, ns.report_dir)
+    if ns.builds:
+        _check_builds(ns, cfg)
     return 0
+
+
+def _check_builds(ns: argparse.Namespace, cfg: config.Config) -> None:
+    from qemupatch import patchbuilds
+    from qemupatch.runner import Runner
+
+    name = workflow.series_base(cfg, read_series(cfg.patches_dir), ns.base)
+    out = ns.report_dir / "patch-builds" if ns.report_dir \
+        else cfg.root / "out" / "patch-builds" / name
+    with Runner.get(ns.engine, cfg.settings) as runner:
+        res = patchbuilds.build_each_patch(cfg, name, out, runner=runner, say=progress)
+    for line in patchbuilds.summary_lines(res):
+        say(line)
+    say(f"patch builds: {out}")
+    bad = [b for b in res.builds if not b.ok]
+    if bad:
+        raise CheckFailed(f"{len(bad)} of {len(res.builds)} patches do not build on their "
+                          f"own on {name}: " + ", ".join(f"{b.index} ({b.subject})" for b in bad))
 
 
 def _print_checks(results: list, report_dir: Path | None) -> None:
