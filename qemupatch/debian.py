@@ -3,7 +3,7 @@ states that reach other suites or source packages without changing anything
 on the machine.
 
 Three stages need Debian: upstream (QEMU's source packages), guest (kernel
-packages of bookworm and trixie) and build (debootstrap of base images). All
+packages of bookworm, trixie and sid) and build (debootstrap of base images). All
 of them take the mirror from here, so no archive host is ever written into
 the project::
 
@@ -152,6 +152,54 @@ class Apt:
         run(["apt-get", *self.options(), "update"], timeout=timeout)
 
 
+# Suites with no -updates and no -security: apt-get update fails on a
+# suite the archive does not have, so a sid image must not name them.
+ROLLING_SUITES = frozenset({"sid", "unstable", "experimental"})
+
+
+def apt_sources(suite: str, mirrors: Mirrors) -> list[str]:
+    """The ``sources.list`` lines of a ``suite`` rootfs: the suite, and
+    its -updates and -security for a release (not for sid)."""
+    sources = [f"deb {mirrors.main} {suite} main"]
+    if suite in ROLLING_SUITES:
+        return sources
+    security = mirrors.security or (
+        mirrors.main + "-security" if mirrors.main.endswith("/debian") else None)
+    sources.append(f"deb {mirrors.main} {suite}-updates main")
+    if security:
+        sources.append(f"deb {security} {suite}-security main")
+    return sources
+
+
+# The apt options that decide whether a Release file's dates are checked.
+DATE_OPTIONS = ("Acquire::Check-Valid-Until", "Acquire::Check-Date")
+
+
+def machine_date_policy(*, timeout: float = 60) -> dict[str, str]:
+    """The machine's apt settings of :data:`DATE_OPTIONS`, where it sets them.
+
+    A mirror that serves a frozen snapshot of the archive (this machine's)
+    goes on serving sid's Release file after its Valid-Until, so the
+    machine's apt is told not to check; a rootfs made from that mirror
+    needs the same setting or its ``apt-get update`` refuses sid ("Release
+    file ... is expired").  Stable suites carry no Valid-Until."""
+    try:
+        dump = run(["apt-config", "dump"], timeout=timeout).stdout
+    except CommandFailed:
+        return {}
+    return parse_date_policy(dump)
+
+
+def parse_date_policy(dump: str) -> dict[str, str]:
+    """:data:`DATE_OPTIONS` from ``apt-config dump`` output."""
+    policy = {}
+    for line in dump.splitlines():
+        m = re.fullmatch(r'\s*([\w:-]+)\s+"([^"]*)";\s*', line)
+        if m and m.group(1).lower() in {o.lower() for o in DATE_OPTIONS}:
+            policy[next(o for o in DATE_OPTIONS if o.lower() == m.group(1).lower())] = m.group(2)
+    return policy
+
+
 def debootstrap_rootfs(suite: str, dest: Path, mirrors: Mirrors, *, timeout: float) -> Path:
     """A ``debootstrap --variant=minbase`` root file system of ``suite``, its
     apt pointed at ``mirrors``, written as the tarball ``dest``.
@@ -167,13 +215,12 @@ def debootstrap_rootfs(suite: str, dest: Path, mirrors: Mirrors, *, timeout: flo
     try:
         run(["debootstrap", "--variant=minbase", suite, rootfs, mirrors.main],
             timeout=max(1.0, deadline - time.monotonic()))
-        security = mirrors.security or (
-            mirrors.main + "-security" if mirrors.main.endswith("/debian") else None)
-        sources = [f"deb {mirrors.main} {suite} main",
-                   f"deb {mirrors.main} {suite}-updates main"]
-        if security:
-            sources.append(f"deb {security} {suite}-security main")
-        (rootfs / "etc/apt/sources.list").write_text("\n".join(sources) + "\n")
+        (rootfs / "etc/apt/sources.list").write_text(
+            "".join(line + "\n" for line in apt_sources(suite, mirrors)))
+        if policy := machine_date_policy(timeout=max(1.0, deadline - time.monotonic())):
+            (rootfs / "etc/apt/apt.conf.d/99qemupatch-mirror").write_text(
+                "# the machine's apt policy towards its mirror (see qemupatch/debian.py)\n"
+                + "".join(f'{key} "{value}";\n' for key, value in policy.items()))
         run(["tar", "-C", rootfs, "--numeric-owner", "-cf", dest, "."],
             timeout=max(1.0, deadline - time.monotonic()))
     finally:

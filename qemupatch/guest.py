@@ -5,9 +5,17 @@ package names from ``qemupatch.toml``) and unpacked with ``dpkg-deb -x`` into
 the cache::
 
     <cache>/kernels/<name>/<package>_<version>_<arch>.deb
-    <cache>/kernels/<name>/root/            unpacked package
+    <cache>/kernels/<name>/root/            unpacked package(s)
     <cache>/busybox/busybox-static_*.deb, root/bin/busybox
     <cache>/guest/<hash>/vmlinuz, initramfs.cpio.gz, image.json
+
+Since Linux 7.x (sid) Debian splits a kernel: ``linux-image-<abi>`` is a
+metapackage whose ``Depends`` name ``linux-binary-<abi>`` (the vmlinuz, under
+``usr/lib/modules/<abi>/``), ``linux-base-<abi>`` (config, modules.builtin)
+and ``linux-modules-<abi>`` (110 MB of .ko.xz).  :func:`fetch_kernel` reads
+those names from the metapackage itself, fetches the exact versions it pins,
+and takes the modules package only when a module the initramfs needs is not
+built in, so ``qemupatch.toml`` names a split kernel like any other.
 
 The initramfs is a newc cpio written here in Python (deterministic: fixed
 inode numbers, mtime 0, gzip mtime 0), so its name is a content hash of every
@@ -70,7 +78,8 @@ class KernelFiles:
     version: str          # uname -r, e.g. 6.1.0-56-amd64
     vmlinuz: Path
     modules_dir: Path     # .../lib/modules/<version>
-    deb: Path
+    deb: Path             # the package file that holds vmlinuz
+    parts: tuple[str, ...] = ()   # every package file unpacked (split kernels)
 
 
 @dataclass(frozen=True)
@@ -102,10 +111,19 @@ class GuestImage:
 # --------------------------------------------------------------- packages
 
 
+def _deb_pattern(package: str, version: str | None) -> str:
+    """The glob of ``package``'s files (at ``version``: file names carry it
+    without its epoch)."""
+    if not version:
+        return f"{package}_*.deb"
+    return f"{package}_{version.partition(':')[2] or version}_*.deb"
+
+
 def _download(package: str, dest: Path, *, deb: Path | None, timeout: float,
-              apt: Apt | None = None) -> Path:
-    """The .deb of exactly ``package`` in ``dest``: copied from ``deb`` if
-    given, reused if already there, else fetched with apt-get download."""
+              apt: Apt | None = None, version: str | None = None) -> Path:
+    """The .deb of exactly ``package`` (at ``version`` when given) in
+    ``dest``: copied from ``deb`` if given, reused if already there, else
+    fetched with apt-get download."""
     dest.mkdir(parents=True, exist_ok=True)
     if deb is not None:
         if not deb.is_file():
@@ -114,67 +132,164 @@ def _download(package: str, dest: Path, *, deb: Path | None, timeout: float,
         if not target.exists():
             shutil.copyfile(deb, target)
         return target
-    have = sorted(dest.glob(f"{package}_*.deb"))
+    pattern = _deb_pattern(package, version)
+    have = sorted(dest.glob(pattern))
     if have:
         return have[-1]
+    what = f"{package}={version}" if version else package
     try:
-        (apt or Apt(None)).run("download", package, cwd=dest, timeout=timeout)
+        (apt or Apt(None)).run("download", what, cwd=dest, timeout=timeout)
     except (CommandFailed, CommandTimeout) as exc:
         raise GuestImageError(
-            f"could not download Debian package {package} into {dest}: {exc}") from exc
-    have = sorted(dest.glob(f"{package}_*.deb"))
+            f"could not download Debian package {what} into {dest}: {exc}") from exc
+    have = sorted(dest.glob(pattern))
     if not have:
-        raise GuestImageError(f"apt-get download {package} left no {package}_*.deb in {dest}")
+        raise GuestImageError(f"apt-get download {what} left no {pattern} in {dest}")
     return have[-1]
 
 
-def _unpack(deb: Path, root: Path, *, timeout: float = 300) -> Path:
-    """``dpkg-deb -x`` into ``root``, once per package file (stamped by name)."""
+def _unpack(debs: list[Path], root: Path, *, timeout: float = 300) -> Path:
+    """``dpkg-deb -x`` of every package file into the one tree ``root``,
+    once: a tree stamped with all of them (and maybe more, such as a split
+    kernel's modules fetched later) is reused."""
     stamp = root / ".qemupatch-unpacked"
-    if stamp.is_file() and stamp.read_text() == deb.name:
+    names = "\n".join(d.name for d in debs)
+    if stamp.is_file() and set(names.split("\n")) <= set(stamp.read_text().split("\n")):
         return root
     if root.exists():
         shutil.rmtree(root)
     tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=root.parent))
     try:
-        run(["dpkg-deb", "-x", deb, tmp], timeout=timeout)
-        (tmp / ".qemupatch-unpacked").write_text(deb.name)
+        for deb in debs:
+            run(["dpkg-deb", "-x", deb, tmp], timeout=timeout)
+        (tmp / ".qemupatch-unpacked").write_text(names)
         tmp.rename(root)
     except (CommandFailed, CommandTimeout) as exc:
-        raise GuestImageError(f"could not unpack {deb}: {exc}") from exc
+        raise GuestImageError(f"could not unpack {', '.join(d.name for d in debs)}: {exc}") from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return root
 
 
+# The parts of a split kernel (sid, Linux 7.x) by package name prefix: the
+# ones always fetched, and the one fetched only when a module is needed.
+SPLIT_PARTS = ("linux-binary-", "linux-base-")
+SPLIT_MODULES = "linux-modules-"
+
+
+def parse_depends(text: str) -> dict[str, str | None]:
+    """``Depends`` of a control file as {package: pinned version or None};
+    alternatives (``a | b``) are left out: a kernel's parts are never one."""
+    out: dict[str, str | None] = {}
+    for clause in text.split(","):
+        clause = clause.strip()
+        if not clause or "|" in clause:
+            continue
+        m = re.fullmatch(r"([a-z0-9][a-z0-9+.-]*)(?::\S+)?\s*(?:\(\s*([<>=]+)\s*([^)\s]+)\s*\))?",
+                         clause)
+        if m is None:
+            raise GuestImageError(f"cannot read the dependency '{clause}'")
+        out[m.group(1)] = m.group(3) if m.group(2) == "=" else None
+    return out
+
+
+def split_parts(depends: dict[str, str | None], abi: str) -> dict[str, str | None]:
+    """The packages of a split kernel named by its metapackage's Depends:
+    ``linux-binary-<abi>``, ``linux-base-<abi>`` and ``linux-modules-<abi>``
+    (``abi`` as in ``linux-image-<abi>``)."""
+    return {name: version for name, version in depends.items()
+            if any(name == prefix + abi for prefix in (*SPLIT_PARTS, SPLIT_MODULES))}
+
+
+def _control_field(deb: Path, field: str) -> str:
+    try:
+        return run(["dpkg-deb", "-f", deb, field], timeout=60).stdout.strip()
+    except (CommandFailed, CommandTimeout) as exc:
+        raise GuestImageError(f"could not read {field} of {deb}: {exc}") from exc
+
+
+def kernel_layout(root: Path) -> tuple[str, Path, Path] | None:
+    """(uname -r, vmlinuz, modules folder) of an unpacked kernel, or None
+    when ``root`` holds no kernel (a metapackage).  Bookworm ships
+    ``boot/vmlinuz-<v>`` and ``lib/modules/<v>``; trixie ``usr/lib/modules``;
+    sid's split packages ``usr/lib/modules/<v>/vmlinuz`` and no /boot."""
+    found = []
+    for mods in sorted([*(root / "lib" / "modules").glob("*"),
+                        *(root / "usr" / "lib" / "modules").glob("*")]):
+        version = mods.name
+        for vmlinuz in (root / "boot" / f"vmlinuz-{version}", mods / "vmlinuz"):
+            if vmlinuz.is_file():
+                found.append((version, vmlinuz, mods))
+                break
+    if len(found) > 1:
+        raise GuestImageError(
+            f"{root}: more than one kernel ({', '.join(v for v, _, _ in found)})")
+    return found[0] if found else None
+
+
 def fetch_kernel(kernel: GuestKernel, cache_dir: Path, *, deb: Path | None = None,
-                 mirror: str | None = None, timeout: float = 900) -> KernelFiles:
+                 mirror: str | None = None, timeout: float = 900,
+                 modules: tuple[str, ...] = VIRTIO_MODULES) -> KernelFiles:
     """Download (or reuse) and unpack ``kernel.image_package`` (from
-    ``mirror``, default the machine's)."""
+    ``mirror``, default the machine's).
+
+    When that package is a metapackage (sid's split kernels), its parts are
+    fetched too, at the versions it pins: the kernel and its base files,
+    and the modules only if one of ``modules`` is not built in.  With
+    ``deb`` (a local metapackage file) the parts are taken from beside it
+    when there, else downloaded."""
     base = cache_dir / "kernels" / kernel.name
     apt = None if deb else Apt.binaries(cache_dir, kernel.suite, mirror)
     debfile = _download(kernel.image_package, base, deb=deb, timeout=timeout, apt=apt)
-    root = _unpack(debfile, base / "root")
-    # bookworm ships /lib/modules, trixie (merged /usr) /usr/lib/modules
-    mods = sorted([*(root / "lib" / "modules").glob("*/kernel"),
-                   *(root / "usr" / "lib" / "modules").glob("*/kernel")])
-    if len(mods) != 1:
-        raise GuestImageError(
-            f"{debfile.name}: expected one lib/modules/<version>/kernel, found {len(mods)}")
-    version = mods[0].parent.name
-    vmlinuz = root / "boot" / f"vmlinuz-{version}"
-    if not vmlinuz.is_file():
-        raise GuestImageError(f"{debfile.name}: no boot/vmlinuz-{version}")
+    abi = kernel.image_package.removeprefix("linux-image-")
+    parts = split_parts(parse_depends(_control_field(debfile, "Depends")), abi)
+    debs = [debfile]
+    kernel_deb = debfile
+    if not all(prefix + abi in parts for prefix in SPLIT_PARTS):     # one package
+        layout = kernel_layout(_unpack(debs, base / "root"))
+        if layout is None:
+            raise GuestImageError(
+                f"{debfile.name} holds no kernel (no boot/vmlinuz-<version> nor "
+                f"usr/lib/modules/<version>/vmlinuz) and its Depends name no "
+                f"{' and '.join(p + abi for p in SPLIT_PARTS)}: not a Debian kernel package")
+    else:
+        def part(name: str) -> Path:
+            local = None
+            if deb is not None:
+                beside = sorted(deb.parent.glob(_deb_pattern(name, parts[name])))
+                local = beside[-1] if beside else None
+            return _download(name, base, deb=local, timeout=timeout,
+                             apt=apt or Apt.binaries(cache_dir, kernel.suite, mirror),
+                             version=parts[name])
+
+        debs += [part(prefix + abi) for prefix in SPLIT_PARTS]
+        kernel_deb = debs[1]
+        root = _unpack(debs, base / "root")
+        layout = kernel_layout(root)
+        if layout is None:
+            raise GuestImageError(f"{debs[1].name}: no usr/lib/modules/<version>/vmlinuz")
+        missing = [m for m in modules if m not in builtin_modules(layout[2])]
+        if missing:
+            name = SPLIT_MODULES + abi
+            if name not in parts:
+                raise GuestImageError(
+                    f"{kernel.image_package}: modules {', '.join(missing)} are not built in "
+                    f"and its Depends name no {name}")
+            debs.append(part(name))
+            root = _unpack(debs, base / "root")
+            layout = kernel_layout(root)
+            assert layout is not None   # the same tree, one package more
+    version, vmlinuz, modules_dir = layout
     return KernelFiles(kernel.name, kernel.image_package, version, vmlinuz,
-                       mods[0].parent, debfile)
+                       modules_dir, kernel_deb, tuple(d.name for d in debs))
 
 
 def fetch_busybox(cache_dir: Path, *, deb: Path | None = None, timeout: float = 300) -> Path:
     """The static busybox binary from Debian's busybox-static."""
     base = cache_dir / "busybox"
     debfile = _download(BUSYBOX_PACKAGE, base, deb=deb, timeout=timeout)
-    root = _unpack(debfile, base / "root")
+    root = _unpack([debfile], base / "root")
     binary = root / "bin" / "busybox"
     if not binary.is_file():
         raise GuestImageError(f"{debfile.name}: no bin/busybox")
@@ -500,7 +615,8 @@ def build_image(kernel: KernelFiles, busybox: Path, cache_dir: Path, *,
         (tmp / "init").write_bytes(init)
         (tmp / "image.json").write_text(json.dumps(
             {**image.to_json(), "kernel": "vmlinuz", "initramfs": "initramfs.cpio.gz",
-             "kernel_deb": kernel.deb.name}, indent=2) + "\n")
+             "kernel_deb": kernel.deb.name,
+             "kernel_debs": list(kernel.parts or (kernel.deb.name,))}, indent=2) + "\n")
         try:
             tmp.rename(out)
         except OSError:
