@@ -234,6 +234,14 @@ def matrix_reasons(cfg: Config, run: MatrixRun, run_dir: Path,
     return reasons, cells
 
 
+def _import_base(cfg: Config) -> None:
+    series = read_series(cfg.patches_dir)
+    name = workflow.series_base(cfg, series, None)
+    m = workflow.mirror(cfg)
+    if m.find(name) is None:
+        add_release(cfg, m, name)
+
+
 def check_release(cfg: Config, version: str, matrix_dir: Path | None = None, *,
                   dist_dir: Path | None = None) -> ReleasePlan:
     """The plan of a release of ``version``, or ReleaseRefused naming every
@@ -255,6 +263,7 @@ def check_release(cfg: Config, version: str, matrix_dir: Path | None = None, *,
         raise ReleaseRefused(version, [*reasons, f"{root} has no commit to tag"])
     head = git(root, "rev-parse", "HEAD").stdout.strip()
     try:
+        _import_base(cfg)               # a fresh CI machine: check needs the base release
         workflow.check(cfg)
     except CheckFailed as exc:
         reasons.append("qemupatch check fails: " + str(exc).replace("\n", "; "))

@@ -142,6 +142,15 @@ def test_green_run_on_clean_tree_passes_the_gate(rproj):
     assert plan.releases == {"v1.0.0": ["k1", "k2"], "v1.1.0": ["k1", "k2"]}
 
 
+def test_a_fresh_cache_gets_the_base_release_for_the_check(rproj, tmp_path):
+    """A release job on a fresh CI machine: no mirror yet."""
+    write_run(rproj, green_run(rproj))
+    cfg = config.load(rproj.root, tmp_path / "fresh-cache")
+    plan = release.check_release(cfg, "1.0.0")
+    assert plan.tag == "v1.0.0"
+    assert workflow.mirror(cfg).find("v1.0.0") is not None
+
+
 def test_dirty_tree_is_refused_untracked_files_too(rproj):
     write_run(rproj, green_run(rproj))
     (rproj.root / "notes.txt").write_text("not committed\n")
