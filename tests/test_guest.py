@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import json
 import lzma
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -208,3 +210,165 @@ def test_real_packages_from_debian(tmp_path):
     assert img.kernel_version == "6.1.0-56-amd64"
     assert img.kernel.stat().st_size > 1 << 20
     assert list((tmp_path / "busybox").glob("busybox-static_*.deb"))
+
+
+# ------------------------------------------------- split kernels (Debian sid, 7.x)
+
+ABI = "7.9.1+deb99-amd64"
+SID_DEPENDS = (f"dracut | initramfs-tools (>= 0.120+deb8u2) | linux-initramfs-tool, "
+               f"linux-base-{ABI} (= 7.9.1-1), linux-binary-{ABI} (= 7.9.1-1), "
+               f"linux-modules-{ABI} (= 7.9.1-1)")
+
+
+def make_deb(folder: Path, package: str, version: str, files: dict[str, bytes],
+             depends: str = "") -> Path:
+    """A real .deb (dpkg-deb -b) holding ``files``, named as Debian names it."""
+    tree = folder / f"tree-{package}"
+    (tree / "DEBIAN").mkdir(parents=True)
+    control = (f"Package: {package}\nVersion: {version}\nArchitecture: amd64\n"
+               f"Maintainer: test <test@example.org>\nDescription: test package\n")
+    if depends:
+        control += f"Depends: {depends}\n"
+    (tree / "DEBIAN/control").write_text(control)
+    for name, data in files.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_bytes(data)
+    deb = folder / f"{package}_{version.partition(':')[2] or version}_amd64.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-b", tree, deb], check=True,
+                   capture_output=True, timeout=120)
+    shutil.rmtree(tree)
+    return deb
+
+
+def sid_kernel_debs(folder: Path, *, builtin: tuple[str, ...]) -> Path:
+    """A split kernel as sid ships it: the metapackage, linux-binary (the
+    vmlinuz under usr/lib/modules), linux-base (modules.builtin) and
+    linux-modules (.ko.xz).  Returns the metapackage's file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mods = f"usr/lib/modules/{ABI}"
+    make_deb(folder, f"linux-binary-{ABI}", "7.9.1-1",
+             {f"{mods}/vmlinuz": b"split kernel"}, depends=f"linux-base-{ABI} (= 7.9.1-1)")
+    make_deb(folder, f"linux-base-{ABI}", "7.9.1-1", {
+        f"{mods}/modules.builtin": "".join(
+            f"kernel/drivers/virtio/{m}.ko\n" for m in builtin).encode(),
+        f"{mods}/config": b"CONFIG_VIRTIO=y\n"})
+    make_deb(folder, f"linux-modules-{ABI}", "7.9.1-1", {
+        f"{mods}/kernel/drivers/virtio/{m}.ko.xz":
+            lzma.compress(fake_module(m, ABI), format=lzma.FORMAT_XZ)
+        for m in guest.VIRTIO_MODULES})
+    return make_deb(folder, f"linux-image-{ABI}", "7.9.1-1", {}, depends=SID_DEPENDS)
+
+
+def sid_kernel():
+    from qemupatch.config import GuestKernel
+
+    return GuestKernel("7.9", "sid", f"linux-image-{ABI}")
+
+
+def test_parse_depends_reads_pins_and_leaves_alternatives():
+    deps = guest.parse_depends(SID_DEPENDS + ", kmod, libc6:amd64 (>= 2.36)")
+    assert deps == {f"linux-base-{ABI}": "7.9.1-1", f"linux-binary-{ABI}": "7.9.1-1",
+                    f"linux-modules-{ABI}": "7.9.1-1", "kmod": None, "libc6": None}
+    assert guest.parse_depends("") == {}
+    with pytest.raises(GuestImageError, match=re.escape("cannot read the dependency 'linux-base ((= 1)'")):
+        guest.parse_depends("linux-base ((= 1)")
+
+
+def test_split_parts_are_the_packages_of_this_abi_only():
+    deps = guest.parse_depends(SID_DEPENDS + f", linux-binary-7.0.0-1-amd64 (= 1), kmod")
+    assert guest.split_parts(deps, ABI) == {f"linux-base-{ABI}": "7.9.1-1",
+                                            f"linux-binary-{ABI}": "7.9.1-1",
+                                            f"linux-modules-{ABI}": "7.9.1-1"}
+    # bookworm's linux-image-6.1.0-56-amd64: one package, no parts
+    assert guest.split_parts({"kmod": None, "linux-base": None}, "6.1.0-56-amd64") == {}
+
+
+@pytest.mark.parametrize("layout", ["bookworm", "trixie", "sid"])
+def test_kernel_layout_finds_every_debian_layout(tmp_path, layout):
+    root = tmp_path / "root"
+    mods = root / ("lib" if layout == "bookworm" else "usr/lib") / "modules" / "7.0.0-1-amd64"
+    (mods / "kernel").mkdir(parents=True)
+    vmlinuz = mods / "vmlinuz" if layout == "sid" else root / "boot/vmlinuz-7.0.0-1-amd64"
+    vmlinuz.parent.mkdir(parents=True, exist_ok=True)
+    vmlinuz.write_bytes(b"k")
+    assert guest.kernel_layout(root) == ("7.0.0-1-amd64", vmlinuz, mods)
+
+
+def test_kernel_layout_of_a_metapackage_is_none_and_two_kernels_are_refused(tmp_path):
+    root = tmp_path / "root"
+    (root / "usr/share/doc/linux-image-x").mkdir(parents=True)
+    assert guest.kernel_layout(root) is None
+    for v in ("7.0.0-1-amd64", "7.0.0-2-amd64"):
+        (root / "usr/lib/modules" / v).mkdir(parents=True)
+        (root / "usr/lib/modules" / v / "vmlinuz").write_bytes(b"k")
+    with pytest.raises(GuestImageError, match="more than one kernel"):
+        guest.kernel_layout(root)
+
+
+def test_split_kernel_takes_binary_and_base_but_not_the_modules_when_built_in(tmp_path):
+    """7.2's virtio is built in: the 110 MB modules package is never fetched."""
+    meta = sid_kernel_debs(tmp_path / "debs", builtin=guest.VIRTIO_MODULES)
+    files = guest.fetch_kernel(sid_kernel(), tmp_path / "cache", deb=meta)
+    assert files.version == ABI
+    assert files.vmlinuz.read_bytes() == b"split kernel"
+    assert files.vmlinuz == files.modules_dir / "vmlinuz"
+    assert files.deb.name.startswith(f"linux-binary-{ABI}_")
+    assert [p.split("_")[0] for p in files.parts] == [
+        f"linux-image-{ABI}", f"linux-binary-{ABI}", f"linux-base-{ABI}"]
+    kept = sorted(p.name.split("_")[0] for p in (tmp_path / "cache/kernels/7.9").glob("*.deb"))
+    assert f"linux-modules-{ABI}" not in kept
+    assert guest.builtin_modules(files.modules_dir) >= set(guest.VIRTIO_MODULES)
+
+
+@needs_busybox
+def test_split_kernel_image_has_no_virtio_modules_and_boots_the_binary(tmp_path):
+    meta = sid_kernel_debs(tmp_path / "debs", builtin=guest.VIRTIO_MODULES)
+    files = guest.fetch_kernel(sid_kernel(), tmp_path / "cache", deb=meta)
+    img = build_image(files, Path(BUSYBOX), tmp_path / "cache")
+    assert img.modules == () and img.kernel_version == ABI
+    assert img.kernel.read_bytes() == b"split kernel"
+    record = json.loads((img.kernel.parent / "image.json").read_text())
+    assert record["kernel_deb"].startswith(f"linux-binary-{ABI}_")
+    assert len(record["kernel_debs"]) == 3
+    names = cpio_list(img.initramfs.read_bytes(), tmp_path)
+    assert not [n for n in names if n.endswith(".ko")]
+
+
+def test_split_kernel_takes_the_modules_when_one_is_not_built_in(tmp_path):
+    meta = sid_kernel_debs(tmp_path / "debs", builtin=guest.VIRTIO_MODULES[2:])
+    files = guest.fetch_kernel(sid_kernel(), tmp_path / "cache", deb=meta)
+    assert files.parts[-1].startswith(f"linux-modules-{ABI}_")
+    found = guest.find_module(files.modules_dir, "virtio_ring")
+    assert found.name == "virtio_ring.ko.xz"
+    assert guest.module_vermagic(guest.read_module(found)).startswith(ABI)
+    # a second call reuses the tree with the modules in it (no unpack again)
+    stamp = files.modules_dir.parents[3] / ".qemupatch-unpacked"
+    before = stamp.stat().st_mtime_ns
+    again = guest.fetch_kernel(sid_kernel(), tmp_path / "cache", deb=meta)
+    assert again == files and stamp.stat().st_mtime_ns == before
+
+
+def test_metapackage_without_parts_is_refused_by_name(tmp_path):
+    meta = make_deb(tmp_path, f"linux-image-{ABI}", "7.9.1-1", {}, depends="kmod")
+    with pytest.raises(GuestImageError, match=rf"holds no kernel .* no linux-binary-{re.escape(ABI)}"):
+        guest.fetch_kernel(sid_kernel(), tmp_path / "cache", deb=meta)
+
+
+def test_split_kernel_without_modules_package_says_which_modules(tmp_path):
+    """A split kernel whose metapackage names no modules package, while a
+    needed module is not built in: the error names the modules."""
+    folder = tmp_path / "debs"
+    sid_kernel_debs(folder, builtin=guest.VIRTIO_MODULES[1:])
+    meta = make_deb(folder / "meta", f"linux-image-{ABI}", "7.9.1-1", {},
+                    depends=f"linux-base-{ABI} (= 7.9.1-1), linux-binary-{ABI} (= 7.9.1-1)")
+    for part in folder.glob("linux-b*.deb"):
+        shutil.copy(part, meta.parent)
+    with pytest.raises(GuestImageError, match=f"virtio_ring are not built in and its Depends "
+                                              f"name no linux-modules-{re.escape(ABI)}"):
+        guest.fetch_kernel(sid_kernel(), tmp_path / "cache", deb=meta)
+
+
+def test_sid_apt_state_is_private():
+    apt = debian.Apt.binaries(Path("/nonexistent-cache"), "sid", "http://mirror.example/debian")
+    assert apt.state_dir == Path("/nonexistent-cache/apt/sid")
+    assert apt.lines == ["deb http://mirror.example/debian sid main"]
