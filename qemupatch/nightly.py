@@ -102,9 +102,18 @@ class StageContext:
         return path
 
     def link(self, label: str, path: Path) -> None:
-        """Link ``path`` (in the run folder) from the stage's cell."""
-        if Path(path).exists():
-            self.links[label] = str(Path(path).resolve().relative_to(self.run_dir.resolve()))
+        """Link ``path`` from the stage's cell; a file outside the run
+        folder is copied into the stage's folder first (the run folder
+        must stand alone: CI publishes it, ``report merge`` copies it)."""
+        path = Path(path)
+        if not path.is_file():
+            return
+        run_dir = self.run_dir.resolve()
+        if not path.resolve().is_relative_to(run_dir):
+            copy = self.dir / path.name
+            shutil.copyfile(path, copy)
+            path = copy
+        self.links[label] = str(path.resolve().relative_to(run_dir))
 
 
 StageFn = Callable[[StageContext], None]
@@ -178,6 +187,7 @@ class _Nightly:
         self._runner: Runner | None = None
         self.sources: dict[str, pipeline.Source] = {}
         self.qemus: dict[str, build.BuildResult] = {}
+        self.qemu_failed: dict[str, Exception] = {}   # a compile error is not retried per target
         self.guests: dict[str, tuple[build.BuildResult, build.BuildResult]] = {}
 
     def fns(self) -> dict[str, StageFn]:
@@ -211,7 +221,7 @@ class _Nightly:
 
     def source(self, release: str) -> pipeline.Source:
         if release not in self.sources:
-            self.sources[release] = pipeline.carry_source(self.cfg, release)
+            self.sources[release] = pipeline.carry_source(self.cfg, release, "nightly")
         return self.sources[release]
 
     def rebase(self, ctx: StageContext) -> None:
@@ -240,9 +250,11 @@ class _Nightly:
         self.source(ctx.target.release)      # the release is carried before its patches build
         res = patchbuilds.build_each_patch(self.cfg, ctx.target.release, ctx.dir,
                                            runner=self.runner(), say=self._quiet(ctx))
+        ctx.link("patch builds", ctx.dir / "patch-builds.json")
         for b in res.builds:
             ctx.link(f"patch {b.index} log", b.log)
         ctx.figures.update(patches=len(res.builds), built=sum(1 for b in res.builds if b.ok),
+                           reused=sum(1 for b in res.builds if getattr(b, "reused", False)),
                            seconds={str(b.index): round(b.seconds, 1) for b in res.builds})
         bad = [b for b in res.builds if not b.ok]
         if bad:
@@ -257,16 +269,26 @@ class _Nightly:
     def qemu(self, release: str) -> build.BuildResult:
         """QEMU with the series and its qtest, built once per release and
         reused across runs while the source tree and options are the same."""
+        if release in self.qemu_failed:
+            raise self.qemu_failed[release]
         if release not in self.qemus:
             src = self.source(release)
-            self.qemus[release] = build.build_qemu(
-                src.worktree.path, self.cache / release / "qemu", release=release,
-                repacked=src.release.provenance.repacked, runner=self.runner(),
-                project_root=self.cfg.root, patches=self.cfg.patches_dir,
-                options=build.QemuBuildOptions(ccache_dir=self.cfg.cache_dir / "ccache-host",
-                                               extra_targets=(qt.QTEST_TARGET,)),
-                progress=_SayProgress(self.say, f"  {release} qemu"), source_id=src.tree_id)
+            try:
+                self.qemus[release] = self._build_qemu(release, src)
+            except Exception as exc:
+                if mx.classify(exc) == FAIL:
+                    self.qemu_failed[release] = exc
+                raise
         return self.qemus[release]
+
+    def _build_qemu(self, release: str, src: pipeline.Source) -> build.BuildResult:
+        return build.build_qemu(
+            src.worktree.path, self.cache / release / "qemu", release=release,
+            repacked=src.release.provenance.repacked, runner=self.runner(),
+            project_root=self.cfg.root, patches=self.cfg.patches_dir,
+            options=build.QemuBuildOptions(ccache_dir=self.cfg.cache_dir / "ccache-host",
+                                           extra_targets=(qt.QTEST_TARGET,)),
+            progress=_SayProgress(self.say, f"  {release} qemu"), source_id=src.tree_id)
 
     def guest_builds(self, kernel: str) -> tuple[build.BuildResult, build.BuildResult]:
         if kernel not in self.guests:
@@ -284,21 +306,18 @@ class _Nightly:
     def build(self, ctx: StageContext) -> None:
         release, kernel = ctx.target.release, ctx.target.kernel
         shared = release in self.qemus
-        parts: list[tuple[str, Path, Path | None]] = []   # (what, record, log)
+        tried = []
         try:
+            tried.append("qemu")
             q = self.qemu(release)
-            parts.append(("qemu", q.build_json, q.log_path))
+            tried.append("guest")
             ko, prog = self.guest_builds(kernel)
-            parts += [(f"module for {kernel}", ko.build_json, ko.log_path),
-                      ("guest program", prog.build_json, prog.log_path)]
         finally:
-            if not parts:   # QEMU failed: its record and log are still there
-                out = self.cache / release / "qemu"
-                parts.append(("qemu", out / "build.json", out / "logs" / "compile.log"))
-            self._keep_build_files(ctx, parts)
+            self._keep_build_files(ctx, release, kernel, tried)
         q_record = json.loads(q.build_json.read_text())
         ctx.figures.update(
-            engine=q.runner, version=q.version, qemu_sha256=q.sha256.get(build.QEMU_BINARY, "")[:16],
+            engine=q.runner, version=q.version,
+            qemu_sha256=q.sha256.get(build.QEMU_BINARY, "")[:16],
             qemu_s=round(q.seconds, 1), image_s=round(q.image_seconds, 1),
             qemu_reused=("this run" if shared else "last run" if q_record.get("reused")
                          else "no"),
@@ -311,15 +330,28 @@ class _Nightly:
                else f"compiled in {q.seconds:.0f} s")
         ctx.reason = f"QEMU {q.version} {how}; module for {kernel} and guest program ready"
 
-    def _keep_build_files(self, ctx: StageContext, parts: list) -> None:
+    def _keep_build_files(self, ctx: StageContext, release: str, kernel: str,
+                          tried: list[str]) -> None:
         """build.json (QEMU's provenance), the guest builds' records and one
-        build.log, copied into the stage's folder."""
+        build.log, copied into the stage's folder, for the builds tried
+        (a failed one included: its record says where it stopped)."""
+        parts = []
+        if "qemu" in tried:
+            out = self.cache / release / "qemu"
+            parts.append(("qemu", out / "build.json", out / "logs" / "compile.log"))
+        if "guest" in tried:
+            out = self.cache / f"module-{kernel}"
+            parts.append((f"module for {kernel}", out / f"build-module-{kernel}.json",
+                          out / "logs" / f"module-{kernel}.log"))
+            out = self.cache / "guest-program"
+            parts.append(("guest program", out / "build-vmsocket-test.json",
+                          out / "logs" / "vmsocket-test.log"))
         log = []
-        for i, (what, record, logfile) in enumerate(parts):
+        for what, record, logfile in parts:
             if record.is_file():
-                dest = ctx.dir / ("build.json" if i == 0 else record.name)
+                dest = ctx.dir / record.name
                 shutil.copyfile(record, dest)
-                ctx.link("provenance" if i == 0 else f"provenance ({what})", dest)
+                ctx.link("provenance" if what == "qemu" else f"provenance ({what})", dest)
                 try:
                     data = json.loads(record.read_text())
                 except ValueError:
@@ -327,7 +359,7 @@ class _Nightly:
                 state = ("reused: inputs unchanged, nothing compiled" if data.get("reused")
                          else f"{data.get('status')}, {data.get('seconds')} s")
                 log.append(f"===== {what}: {state}")
-            if logfile is not None and logfile.is_file():
+            if logfile.is_file():
                 log.append(logfile.read_text(errors="replace"))
         ctx.link("log", atomic_write(ctx.dir / "build.log", "\n".join(log) + "\n"))
 

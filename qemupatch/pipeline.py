@@ -132,12 +132,15 @@ class Source:
     tree_id: str                 # git tree of the build tree: the source's identity
 
 
-def carry_source(cfg: Config, name: str) -> Source:
-    """:func:`workflow.build_source` (the same private trees, the same
-    checks) that also keeps what carrying the series did to each patch,
-    as a rebase report: the nightly's rebase stage shows which recorded
-    resolutions and list insertions were replayed.  Imports the release
-    (and the series' base) first if needed."""
+def carry_source(cfg: Config, name: str, owner: str = "pipeline") -> Source:
+    """:func:`workflow.build_source` (the same checks; with the default
+    ``owner`` the same private trees) that also keeps what carrying the
+    series did to each patch, as a rebase report: the nightly's rebase
+    stage shows which recorded resolutions and list insertions were
+    replayed.  ``owner``: whose trees (``<cache>/<owner>/<name>/apply``
+    and ``src``, their own branches), so that a nightly and a pipeline
+    never reset each other's build tree.  Imports the release (and the
+    series' base) first if needed."""
     series = read_series(cfg.patches_dir)
     m = workflow.mirror(cfg)
     rel = m.find(name) or add_release(cfg, m, name)
@@ -146,8 +149,8 @@ def carry_source(cfg: Config, name: str) -> Source:
         assert series.base is not None
         base_commit = (m.find(series.base) or add_release(cfg, m, series.base)).commit
     started = utc_now()
-    staging = WorkTree(cfg.mirror_dir, cfg.cache_dir / "pipeline" / name / "apply",
-                       f"qemupatch-pipeline-apply/{name}")
+    staging = WorkTree(cfg.mirror_dir, cfg.cache_dir / owner / name / "apply",
+                       f"qemupatch-{owner}-apply/{name}")
     staging.reset_to(rel.commit, allow_dirty=True)
     stack = carry.apply_stack(staging, series, cfg.patches_dir, name, base_commit)
     if not carry.is_carried(series, name):
@@ -155,8 +158,8 @@ def carry_source(cfg: Config, name: str) -> Source:
         if [p.text for p in again.patches] != [p.text for p in series.patches]:
             raise CheckFailed("apply -> export is not byte-identical to patches/ "
                               "(run qemupatch export, or qemupatch check for details)")
-    wt = WorkTree(cfg.mirror_dir, cfg.cache_dir / "pipeline" / name / "src",
-                  f"qemupatch-pipeline/{name}")
+    wt = WorkTree(cfg.mirror_dir, cfg.cache_dir / owner / name / "src",
+                  f"qemupatch-{owner}/{name}")
     wt.reset_to(staging.head(), allow_dirty=True)
     tree_id = git(wt.path, "rev-parse", "HEAD^{tree}").stdout.strip()
     old = rpt.BaseRef(series.base or name, base_commit or rel.commit)

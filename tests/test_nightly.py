@@ -353,3 +353,14 @@ def test_cli_lists_targets_and_refuses_unknown_ones(carry_project):
     assert "no matrix target 'v9.9.9-linux-6.1'" in res.stderr
     res = proj.cli("nightly", "--stages", "fetch,bake", check_code=2)
     assert "unknown stage(s) bake" in res.stderr
+
+
+def test_a_link_to_a_file_outside_the_run_folder_is_a_copy_inside(tmp_path):
+    outside = tmp_path / "cache" / "compile.log"
+    outside.parent.mkdir()
+    outside.write_text("ninja: build stopped\n")
+    ctx = nightly.StageContext(T1, "build", tmp_path / "run", lambda m: None)
+    ctx.link("log", outside)
+    ctx.link("missing", tmp_path / "nope.log")
+    assert ctx.links == {"log": f"{T1.name}/build/compile.log"}
+    assert (tmp_path / "run" / ctx.links["log"]).read_text() == "ninja: build stopped\n"
