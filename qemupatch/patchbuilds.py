@@ -23,10 +23,11 @@ Steps
   a useful finding.  What a maintainer wants to know is whether each base
   patch, *with the fix-ups that belong to it*, builds on that release.  So
   step k is base patch k (as carried) followed by the fix-ups that belong
-  to it.  The fix-ups keep their order, and each goes in right after the
-  first base patch after which it applies as is (``git apply --check``):
-  a fix-up of the device goes with the patch that adds the device, a
-  fix-up of the qtest with the patch that adds the qtest.  A base patch
+  to it: each fix-up goes in right after the first base patch after which
+  it applies as is (``git apply --check``), in their order, a fix-up that
+  does not apply yet waiting without holding up the ones after it.  A
+  fix-up of the device goes with the patch that adds the device, a fix-up
+  of the qtest with the patch that adds the qtest.  A base patch
   that builds only once a fix-up made against a *later* patch is in is a
   FAIL at its step: a real finding (split that fix-up, or make it against
   the earlier patch).  Each step lists its fix-ups.  The last step's tree
@@ -177,11 +178,13 @@ def _split(cfg: Config, rel: Release, series: Series, stack: carry.Stack,
                                f"of the patches before it on {rel.name}")
         previous = commit
         placed = []
-        while pending and wt.applies((folder / pending[0].name).read_text()):
-            if not wt.am(folder / pending[0].name, three_way=False).applied:
-                wt.am_abort()
-                break
-            placed.append(pending.pop(0).name)
+        for fix in list(pending):
+            if wt.applies((folder / fix.name).read_text()):
+                if not wt.am(folder / fix.name, three_way=False).applied:
+                    wt.am_abort()
+                    continue
+                pending.remove(fix)
+                placed.append(fix.name)
         steps.append(Step(i + 1, patch.name, patch.subject, wt.head(), tuple(placed)))
     for fix in pending:     # made on the whole series: with the last patch
         if not wt.am(folder / fix.name, three_way=False).applied:

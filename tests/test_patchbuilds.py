@@ -252,3 +252,20 @@ def test_cli_check_builds_prints_each_patch_and_fails(broken_project: Project) -
     assert "1 of 4 patches do not build on their own" in res.stderr
     report = broken_project.root / "out" / "patch-builds" / "v1.0.0" / patchbuilds.RECORD
     assert json.loads(report.read_text())["ok"] is False
+
+
+def test_a_fixup_that_waits_for_a_later_patch_does_not_hold_up_the_ones_after_it(
+        tmp_path: Path) -> None:
+    proj = _carried(tmp_path, second_touches_dev=True)
+    cfg = proj.cfg
+    # A second fix-up, made after the first, that applies after patch 1.
+    done = workflow.apply(cfg, "v0.9.0")
+    commit_files(proj.worktree("v0.9.0"), {"meson.build": (done.worktree / "meson.build")
+                                           .read_text() + "# release 0.9\n"},
+                 "meson: note the release", why="a fix-up of patch 1")
+    workflow.export(cfg, "v0.9.0")
+    rel = workflow.mirror(cfg).get("v0.9.0")
+    steps, mode, note = patchbuilds.plan_steps(cfg, read_series(cfg.patches_dir), rel)
+    assert mode == patchbuilds.EACH, note
+    assert [s.fixups for s in steps] == [("meson-note-the-release.patch",),
+                                         ("dev-release-0.9-has-API_OLD-not-API_NEW.patch",)]
