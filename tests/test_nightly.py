@@ -342,11 +342,7 @@ def _schema_ok(path: Path, doc: dict, schema: str) -> None:
 
 
 def test_cli_lists_targets_and_refuses_unknown_ones(carry_project):
-    proj = carry_project
-    with open(proj.root / "qemupatch.toml", "a") as f:
-        f.write('\n[[kernel]]\nname = "6.1"\nsuite = "bookworm"\n'
-                'image_package = "linux-image-6.1.0-56-amd64"\n'
-                '\n[matrix]\nreleases = ["v2.1.0"]\nkernels = ["6.1"]\n')
+    proj = with_matrix(carry_project)
     res = proj.cli("nightly", "--list-targets", "--format", "github")
     assert json.loads(res.stdout)["include"][0]["target"] == "v2.1.0-linux-6.1"
     res = proj.cli("nightly", "--target", "v9.9.9-linux-6.1", check_code=2)
@@ -364,3 +360,30 @@ def test_a_link_to_a_file_outside_the_run_folder_is_a_copy_inside(tmp_path):
     ctx.link("missing", tmp_path / "nope.log")
     assert ctx.links == {"log": f"{T1.name}/build/compile.log"}
     assert (tmp_path / "run" / ctx.links["log"]).read_text() == "ninja: build stopped\n"
+
+
+MATRIX_TOML = ('\n[[kernel]]\nname = "6.1"\nsuite = "bookworm"\n'
+               'image_package = "linux-image-6.1.0-56-amd64"\n'
+               '\n[matrix]\nreleases = ["v2.1.0"]\nkernels = ["6.1"]\n')
+
+
+def with_matrix(proj):
+    with open(proj.root / "qemupatch.toml", "a") as f:
+        f.write(MATRIX_TOML)
+    return proj
+
+
+def test_cli_green_cell_exits_0_with_progress_and_table(carry_project, tmp_path):
+    out = tmp_path / "nightly"
+    res = with_matrix(carry_project).cli("nightly", "--stages", "fetch,rebase",
+                                         "--out", str(out / "a"))
+    assert "v2.1.0-linux-6.1" in res.stdout and "pass" in res.stdout
+    assert "v2.1.0-linux-6.1         rebase        pass" in res.stderr
+    assert os.readlink(out / "latest") == "a"
+
+
+def test_cli_red_cell_exits_1(lists_project, tmp_path):
+    out = tmp_path / "nightly"
+    with_matrix(lists_project).cli("nightly", "--stages", "fetch,rebase",
+                                   "--out", str(out / "b"), check_code=1)
+    assert matrix.load_run(out / "b").target("v2.1.0-linux-6.1").stage("rebase").outcome == FAIL
