@@ -463,19 +463,19 @@ def run_nightly(cfg: Config, run_dir: Path, *, targets: Sequence[Target] | None 
         for target in chosen:
             stage_results: list[StageResult] = []
             started = utc_now()
-            current = None
             try:
                 for stage in STAGES:
-                    current = stage
                     stage_results.append(_one_stage(
                         stage, fns[stage], target, stage_results, stages, shared, run_dir,
                         retries, backoff, say))
             except Terminated as exc:
-                stage_results.append(StageResult(
-                    current or STAGES[0], INFRA, reason=f"{exc} during {current}",
-                    attempts=(mx.Attempt(1, INFRA, 0.0, utc_now(), str(exc)),)))
-                stage_results += [StageResult(s, SKIP, reason=f"after {current} was stopped")
-                                  for s in STAGES[len(stage_results):]]
+                if len(stage_results) < len(STAGES):     # stopped in a stage, not after
+                    current = STAGES[len(stage_results)]
+                    stage_results.append(StageResult(
+                        current, INFRA, reason=f"{exc} during {current}",
+                        attempts=(mx.Attempt(1, INFRA, 0.0, utc_now(), str(exc)),)))
+                    stage_results += [StageResult(s, SKIP, reason=f"after {current} was stopped")
+                                      for s in STAGES[len(stage_results):]]
                 done.append(_target_result(cfg, target, stage_results, series_hash, started,
                                            run_dir))
                 done += [mx.TargetResult(t, tuple(StageResult(s, SKIP, reason=str(exc))
