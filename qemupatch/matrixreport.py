@@ -406,6 +406,11 @@ def html_report(run: MatrixRun, previous: MatrixRun | None = None) -> str:
         f"{_e(run.outcome)}</span></h1>"
         f'<dl class="meta">{meta_html}</dl>'
         "<h2>Matrix</h2>"
+        '<p class="legend"><span class="pass">&nbsp;pass&nbsp;</span> '
+        '<span class="fail">&nbsp;fail: the series&nbsp;</span> '
+        '<span class="infra">&nbsp;infra: the machine (download, engine, disk)&nbsp;</span> '
+        '<span class="skip">&nbsp;skip&nbsp;</span> · each cell links to its stage\'s files; '
+        "each target to its target.json</p>"
         f'<table class="matrix" id="matrix"><thead><tr><th scope="col">target</th>{head_cells}'
         f'<th scope="col">outcome</th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
         f'<pre class="summary">{_e(summary)}</pre>'
@@ -442,6 +447,12 @@ def write_reports(run: MatrixRun, run_dir: Path,
 
 def _natural(text: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", text))
+
+
+def _matrix_order(t: TargetResult) -> tuple:
+    """Required targets by release then kernel, version-wise (v7.2.0 before
+    v10.0.2), then the watched ones, as the matrix lists them."""
+    return (not t.target.required, _natural(t.target.release), _natural(t.target.kernel))
 
 
 def merge(cell_dirs: Sequence[Path], out_dir: Path,
@@ -487,8 +498,7 @@ def merge(cell_dirs: Sequence[Path], out_dir: Path,
         series_hash=hashes.pop(),
         started=min(r.started for _, r in runs),
         finished=max(r.finished for _, r in runs),
-        targets=tuple(sorted(targets, key=lambda t: (_natural(t.target.release),
-                                                      _natural(t.target.kernel)))),
+        targets=tuple(sorted(targets, key=_matrix_order)),
         stages=tuple(dict.fromkeys(stages)),
         project_commit=commits[0] if len(commits) == 1 else ",".join(commits),
         host={"cells": hosts} if hosts else {},
