@@ -160,13 +160,15 @@ def _pull_shared(engine: Engine, shared: str, tag: str, content_hash: str, timeo
             raise EngineError("the registry sent no image")
         image, label = found.id, (found.labels or {}).get(IMAGE_LABEL)
         if label != content_hash:
-            engine.remove_image(shared)
+            _untag(engine, shared)
             raise EngineError(f"its {IMAGE_LABEL} label is {label!r}, not this content "
                               "hash; not used")
         name, _, local_tag = tag.rpartition(":")
-        engine._call(lambda: engine.client.api.tag(image, name, local_tag),
+        # Fully qualified: podman resolves a short name to the pulled
+        # <registry>/.../<name>:<tag> itself and would tag nothing.
+        engine._call(lambda: engine.client.api.tag(image, _qualified(name), local_tag),
                      timeout=engine.api_timeout, what=f"tagging {shared} as {tag}")
-        engine.remove_image(shared)     # one name per image, as a local build has
+        _untag(engine, shared)          # one name per image, as a local build has
     except EngineError as exc:
         if engine.closed:
             sink.close()
@@ -195,7 +197,7 @@ def _push_shared(engine: Engine, tag: str, shared: str, timeout: float,
                              lambda api: api.push(repository, tag=remote_tag, stream=True,
                                                   decode=True))
         finally:
-            engine.remove_image(shared)     # the tag only: the image keeps ``tag``
+            _untag(engine, shared)          # the image keeps ``tag``
     except EngineError as exc:
         if engine.closed:
             sink.close()
@@ -223,6 +225,21 @@ def _registry_stream(engine: Engine, what: str, timeout: float, request) -> None
         raise EngineError(f"{what} ran past its {timeout:.0f} s deadline and was abandoned")
     if errors:
         raise EngineError(errors[0])
+
+
+def _qualified(repository: str) -> str:
+    """``repository`` with its registry, as the engines store a short name."""
+    first = repository.split("/")[0]
+    if "/" in repository and ("." in first or ":" in first or first == "localhost"):
+        return repository
+    return f"docker.io/{repository}" if "/" in repository else f"docker.io/library/{repository}"
+
+
+def _untag(engine: Engine, name: str) -> None:
+    """Drop the registry name ``name``, never an image that other names or
+    containers still use (not forced)."""
+    engine._call(lambda: engine.client.images.remove(name, force=False, noprune=True),
+                 timeout=engine.api_timeout, what=f"untagging {name}")
 
 
 def _exactly(engine: Engine, name: str):

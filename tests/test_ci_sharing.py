@@ -2,8 +2,9 @@
 
 QEMUPATCH_CCACHE_REMOTE reaches QEMU builds as CCACHE_REMOTE_STORAGE (a
 ``file:`` folder mounted into the container); QEMUPATCH_IMAGE_REGISTRY
-makes ``images.ensure_image`` pull before building and push after, and a
-registry that fails is only a warning.  The ccache tests compile real C
+makes ``images.ensure_image`` pull before building and push after (tested
+against a registry served here, tests/ociregistry.py), and a registry that
+fails is only a warning.  The ccache tests compile real C
 through ccache (the machine's, and the build image's) in two fresh build
 folders that share nothing but the remote folder.
 """
@@ -20,12 +21,19 @@ from pathlib import Path
 import pytest
 
 from qemupatch import images
-from qemupatch.build import BuildSpec, Call, QemuBuildOptions, build_qemu, with_ccache_remote
+from qemupatch.build import (
+    BuildSpec,
+    Call,
+    QemuBuildOptions,
+    build_qemu,
+    with_ccache_remote,
+)
 from qemupatch.config import Settings, load
 from qemupatch.engine import Engine
 from qemupatch.errors import UserError
 from qemupatch.progress import NullProgress
 from qemupatch.runner import HostRunner, Mount, Runner
+from tests import ociregistry
 from tests.conftest import requires
 
 REPO = Path(__file__).resolve().parent.parent
@@ -257,3 +265,78 @@ def test_unreachable_registry_only_warns_and_the_image_is_built(tmp_path: Path) 
     assert "connection refused" in text
     assert text.index("cannot use") < text.index("building image") < text.index("cannot push")
     assert any("warning: cannot push" in line for line in lines)
+
+
+@pytest.fixture
+def registry(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """A registry on this machine (tests/ociregistry.py), plain HTTP: the
+    podman service qemupatch starts inherits a registries.conf that
+    allows that."""
+    server, store = ociregistry.serve()
+    host = f"127.0.0.1:{server.server_address[1]}"
+    conf = tmp_path / "registries.conf"
+    conf.write_text(f'[[registry]]\nlocation = "{host}"\ninsecure = true\n')
+    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(conf))
+    yield f"{host}/qemupatch-ci", store
+    server.shutdown()
+
+
+@needs_podman
+def test_an_image_one_runner_pushed_is_pulled_by_the_next(registry, tmp_path: Path) -> None:
+    """Runner one builds and pushes; runner two (no local image) pulls it
+    instead of building; an image under that name whose content-hash label
+    differs is not used."""
+    prefix, store = registry
+    dockerfile = tmp_path / "Dockerfile"
+    dockerfile.write_text("FROM debian:bookworm\n"
+                          f"LABEL org.qemupatch.test=shared-{time.time_ns()}\n")
+    log = tmp_path / "image.log"
+    settings = Settings(no_pull=True, image_registry=prefix)
+    with Engine.get("podman", settings=settings) as engine:
+        images.ensure_base_image(engine, "debian:bookworm")
+
+        def ensure():
+            return images.ensure_image(engine, dockerfile, repository="qemupatch-test-shared",
+                                       timeout=600, registry_timeout=300, log_path=log)
+
+        first = ensure()
+        shared = f"{prefix}/{first.tag}"
+        assert first.built and first.pushed_to == shared and not first.pulled_from
+        repo, _, tag = shared.partition("/")[2].rpartition(":")
+        assert (repo, tag) in store.manifests
+        engine.remove_image(first.tag)              # runner two: nothing local
+        second = ensure()
+        try:
+            assert not second.built and second.pulled_from == shared
+            assert second.id == first.id and second.tag == first.tag
+            assert engine.image_id(first.tag) == first.id
+            names = [t for i in engine.client.images.list() for t in i.tags]
+            assert not any(prefix in t for t in names), "the registry name was left behind"
+            assert not any(line.startswith("PUT") for line in store.log[
+                len(store.log) - 3:]), "a pulled image is not pushed again"
+        finally:
+            engine.remove_image(second.tag)
+        # Something else under that name (a wrong label): built locally.
+        impostor_dir = tmp_path / "impostor"
+        impostor_dir.mkdir()
+        (impostor_dir / "Dockerfile").write_text("FROM debian:bookworm\n"
+                                                 "LABEL org.qemupatch.image=other\n")
+        impostor = engine.build(impostor_dir, tag="qemupatch-test-impostor:1", timeout=300)
+        try:
+            engine.client.api.tag(impostor, shared.rpartition(":")[0], tag)
+            for _ in engine.client.api.push(shared.rpartition(":")[0], tag=tag, stream=True,
+                                            decode=True):
+                pass
+            engine.client.images.remove(shared, noprune=True)
+            third = ensure()
+            try:
+                assert third.built and third.id != impostor
+                assert engine.image_id("qemupatch-test-impostor:1") == impostor
+            finally:
+                engine.remove_image(third.tag)
+        finally:
+            engine.remove_image("qemupatch-test-impostor:1")
+    text = log.read_text()
+    assert f"pushed {shared}" in text
+    assert f"pulled {shared} ({first.id[:19]}) instead of building it" in text
+    assert "label is 'other', not this content hash; not used" in text
