@@ -181,10 +181,15 @@ def footer(run: MatrixRun, previous: MatrixRun | None = None, *,
     """The run's outcome, counts, time and (``with_trend``) the trend."""
     c = counts(run)
     shown = ", ".join(f"{n} {o}" for o, n in c.items() if n)
-    elapsed = _seconds_between(run.started, run.finished)
     work = sum(s.seconds for t in run.targets for s in t.stages)
-    timing = (f"{_duration(elapsed)} wall" if elapsed is not None else "wall time unknown") \
-        + f", {_duration(work)} of stage time"
+    if run.finished:
+        elapsed = _seconds_between(run.started, run.finished)
+        wall = f"{_duration(elapsed)} wall" if elapsed is not None else "wall time unknown"
+    else:   # a partial record, rewritten after every target
+        last = max((t.finished for t in run.targets if t.finished), default="")
+        elapsed = _seconds_between(run.started, last)
+        wall = "still running" + (f", {_duration(elapsed)} so far" if elapsed is not None else "")
+    timing = f"{wall}, {_duration(work)} of stage time"
     lines = [(f"run {run.run_id}: {run.outcome.upper()}: {len(run.targets)} targets "
              f"({shown or 'none'}); {timing}")]
     if run.merged_from:
@@ -390,7 +395,7 @@ def html_report(run: MatrixRun, previous: MatrixRun | None = None) -> str:
     c = counts(run)
     meta = [("run", run.run_id), ("outcome", run.outcome), ("series hash", run.series_hash),
             ("project commit", run.project_commit or "unknown"), ("started", run.started),
-            ("finished", run.finished),
+            ("finished", run.finished or "not yet: the run is still going"),
             ("targets", ", ".join(f"{n} {o}" for o, n in c.items() if n) or "none")]
     if run.merged_from:
         meta.append(("merged from", ", ".join(run.merged_from)))

@@ -156,6 +156,10 @@ def test_table_footer_counts_time_and_trend():
     assert "still red: master-linux-6.12 (rebase)" in joined
     assert "turned green: v10.2.2-linux-6.12 (qtest)" in joined
     assert "v6.2.0" not in joined
+    # a partial record (the nightly rewrites it after every target)
+    partial = replace(tonight(), finished="")
+    assert "still running, 25m00s so far" in mr.table(partial)
+    assert "not yet: the run is still going" in mr.html_report(partial)
     # no previous given: the table does not pretend there was none
     assert "trend" not in mr.table(tonight())
 
