@@ -418,7 +418,7 @@ def cmd_report(ns: argparse.Namespace, cfg: config.Config) -> int:
 
     previous = matrix.load_run(ns.previous) if ns.previous else None
     run = matrixreport.merge(ns.dirs, ns.out, previous)
-    say(matrixreport.table(run, previous=previous))
+    say(matrixreport.table(run, color=sys.stdout.isatty(), previous=previous))
     say(f"report: {ns.out / matrixreport.HTML_NAME}")
     return matrixreport.exit_code(run)
 

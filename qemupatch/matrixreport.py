@@ -384,9 +384,10 @@ def html_report(run: MatrixRun, previous: MatrixRun | None = None) -> str:
     for t in run.targets:
         name = t.target.name
         watched = "" if t.target.required else ' <small>(watched)</small>'
+        up = ", ".join(f"{k} {v}" for k, v in t.upstream.items() if v)
         cells = "".join(_cell_html(t, s) for s in run.stages)
         rows.append(
-            f'<tr data-target="{_e(name)}"><th scope="row">'
+            f'<tr data-target="{_e(name)}"><th scope="row" title="{_e(up or name)}">'
             f'<a href="{_href(f"{name}/{mx.TARGET_RESULT_NAME}")}">{_e(name)}</a>{watched}</th>'
             f'{cells}<td class="outcome {_e(t.outcome)}" data-outcome="{_e(t.outcome)}">'
             f"<strong>{_e(t.outcome)}</strong></td></tr>")

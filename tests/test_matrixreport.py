@@ -352,6 +352,7 @@ def test_html_matrix_cells_outcomes_and_links(tmp_path):
         assert [c["data-outcome"] for c in row[1:-1]] == [s.outcome for s in t.stages]
         assert all(s.outcome in c["class"].split() for c, s in zip(row[1:-1], t.stages))
         assert row[-1]["data-outcome"] == t.outcome
+    assert doc.rows[0][0]["title"] == "commit " + "0" * 40     # the upstream it tested
     red = doc.rows[1][1 + STAGES.index("build")]
     assert red["title"] == "QEMU did not compile: <vmsocket.c:212> error"
     files = [h for h in doc.hrefs if not h.startswith("#")]
