@@ -34,7 +34,6 @@ from tests.test_matrixreport import (
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-ROOT = Path(__file__).resolve().parent.parent
 
 # ci/setup-debian.sh installs both: their absence is a broken setup, not a skip.
 assert CHROMIUM.exists() and CHROMEDRIVER.exists(), (
