@@ -275,7 +275,7 @@ def test_parse_depends_reads_pins_and_leaves_alternatives():
 
 
 def test_split_parts_are_the_packages_of_this_abi_only():
-    deps = guest.parse_depends(SID_DEPENDS + f", linux-binary-7.0.0-1-amd64 (= 1), kmod")
+    deps = guest.parse_depends(SID_DEPENDS + ", linux-binary-7.0.0-1-amd64 (= 1), kmod")
     assert guest.split_parts(deps, ABI) == {f"linux-base-{ABI}": "7.9.1-1",
                                             f"linux-binary-{ABI}": "7.9.1-1",
                                             f"linux-modules-{ABI}": "7.9.1-1"}
