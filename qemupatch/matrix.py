@@ -19,8 +19,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from qemupatch.config import Config
+from qemupatch.config import CONFIG_NAME, Config
 from qemupatch.errors import BuildError, CompileFailed, InfraError, UserError
+from qemupatch.run import git
 
 SCHEMA = 1
 # The stages of one target, in order.  patch-builds: each patch of the
@@ -207,3 +208,21 @@ def load_run(path: Path) -> MatrixRun:
         raise UserError(f"{file}: no matrix run record here (run qemupatch nightly)") from None
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise UserError(f"{file}: not a matrix run record: {exc}") from exc
+
+
+def touched_releases(cfg: Config, since: str | None) -> tuple[str, ...]:
+    """The matrix releases a change since commit ``since`` can break: all of
+    them when the base series, its recorded resolutions or qemupatch.toml
+    changed, else those whose fix-up folder changed.  ``since`` None (no
+    green run on record): all of them."""
+    releases = tuple(dict.fromkeys(t.release for t in targets(cfg)))
+    if since is None:
+        return releases
+    patches = cfg.patches_dir.relative_to(cfg.root).as_posix()
+    changed = git(cfg.root, "diff", "--name-only", f"{since}..HEAD", "--",
+                  patches, CONFIG_NAME).stdout.split()
+    fixups = f"{patches}/releases/"
+    if any(not name.startswith(fixups) for name in changed):
+        return releases
+    folders = {name[len(fixups):].split("/", 1)[0] for name in changed}
+    return tuple(r for r in releases if r in folders)
