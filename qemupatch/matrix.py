@@ -214,9 +214,10 @@ def touched_releases(cfg: Config, since: str | None) -> tuple[str, ...]:
     """The matrix releases a change since commit ``since`` can break: all of
     them when the base series, its recorded resolutions or qemupatch.toml
     changed, else those whose fix-up folder changed.  ``since`` None (no
-    green run on record): all of them."""
+    green run on record) or not in this history: all of them."""
     releases = tuple(dict.fromkeys(t.release for t in targets(cfg)))
-    if since is None:
+    if since is None or git(cfg.root, "merge-base", "--is-ancestor", since, "HEAD",
+                            check=False).returncode != 0:
         return releases
     patches = cfg.patches_dir.relative_to(cfg.root).as_posix()
     changed = git(cfg.root, "diff", "--name-only", f"{since}..HEAD", "--",

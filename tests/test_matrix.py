@@ -89,6 +89,7 @@ def test_touched_releases_follow_what_changed(tmp_path):
     start = git(root, "rev-parse", "HEAD").stdout.strip()
     assert matrix.touched_releases(cfg, start) == ()
     assert matrix.touched_releases(cfg, None) == ("v1.0.0", "v2.0.0")
+    assert matrix.touched_releases(cfg, "0" * 40) == ("v1.0.0", "v2.0.0")
     (root / "README").write_text("docs only\n")
     _commit(root, "docs")
     assert matrix.touched_releases(cfg, start) == ()
