@@ -13,6 +13,10 @@
  *   vmsocket-test signal DEV       (an echo server at DEV's host end)
  *     VMSOCKET-TEST signal-interrupts-read PASS|FAIL key=value...
  *   vmsocket-test bench CHANNEL ECHO_DEV SINK_DEV SOURCE_DEV
+ *   vmsocket-test driver ECHO SILENT HANGUP STALL FOREIGN ECHO2 [TEST...]
+ *     (the driver's review tests; see docs/vmsocket-driver.md)
+ *     VMSOCKET-TEST <name> PASS|FAIL key=value...
+ *     VMSOCKET-TEST-DONE pass=<n> fail=<m>
  *     VMSOCKET-BENCH <channel> <g2h|h2g> size=<n> bytes=<total> seconds=<s> mbps=<MB/s>
  *     VMSOCKET-BENCH <channel> rtt64 count=<n> usec=<mean>
  *
@@ -32,6 +36,10 @@
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
 
 #define LARGE_BYTES		(3u << 20)
 #define SMALL_COUNT		1000
@@ -564,13 +572,651 @@ static int cmd_bench(const char *ch, const char *echo, const char *sink,
 	return nfail ? 1 : 0;
 }
 
+/* ---- driver review tests (docs/vmsocket-driver.md) -------------------- */
+
+/*
+ * Each test runs the calls that may block in child processes and waits for
+ * them with a deadline, so that a driver bug (a task stuck in D state) is a
+ * FAIL line and not a hung test run. A stuck child is left behind.
+ */
+
+/* Wait up to secs for pid; 1 if it exited, 0 if it is still running. */
+static int wait_for(pid_t pid, double secs, int *status)
+{
+	double end = now() + secs;
+	int st = 0;
+
+	while (now() < end) {
+		if (waitpid(pid, &st, WNOHANG) == pid) {
+			if (status)
+				*status = st;
+			return 1;
+		}
+		usleep(10000);
+	}
+	return 0;
+}
+
+static void put_le64_req(int fd, uint64_t len)
+{
+	unsigned char req[8];
+
+	put_le64(req, len);
+	if (write_all(fd, req, sizeof(req)))
+		printf("# request write failed: %s\n", errname(errno));
+}
+
+/* (1) A reader blocked on a silent peer must not block other open()s. */
+static void test_open_while_reader_blocked(const char *silent)
+{
+	int sync[2], res[2], st;
+	double r[4] = { -1, -1, -1, -1 };
+	pid_t reader, opener;
+	char c;
+	int done;
+
+	if (pipe(sync) || pipe(res)) {
+		result("open-busy-while-read-blocked", 0, "err=pipe");
+		return;
+	}
+	reader = fork();
+	if (reader == 0) {
+		int fd = open(silent, O_RDWR);
+		char buf[64];
+
+		c = fd < 0 ? 'E' : 'O';
+		if (write(sync[1], &c, 1) != 1 || fd < 0)
+			_exit(1);
+		read(fd, buf, sizeof(buf));	/* silent peer: blocks */
+		_exit(0);
+	}
+	if (read(sync[0], &c, 1) != 1 || c != 'O') {
+		result("open-busy-while-read-blocked", 0, "err=reader-open");
+		kill(reader, SIGKILL);
+		waitpid(reader, NULL, 0);
+		return;
+	}
+	usleep(1000000);		/* let the reader enter read() */
+	opener = fork();
+	if (opener == 0) {
+		double t = now();
+		int fd = open(silent, O_RDWR);
+
+		r[0] = fd < 0 ? errno : 0;
+		r[1] = now() - t;
+		t = now();
+		fd = open("/dev/cpu_dma_latency", O_RDONLY);
+		r[2] = fd < 0 ? errno : 0;
+		r[3] = now() - t;
+		if (write(res[1], r, sizeof(r)) != sizeof(r))
+			_exit(1);
+		_exit(0);
+	}
+	done = wait_for(opener, 5, &st);
+	/* Wake the reader (its read() is interruptible), then collect all. */
+	kill(reader, SIGKILL);
+	waitpid(reader, NULL, 0);
+	if (!done)
+		wait_for(opener, 10, &st);
+	if (read(res[0], r, sizeof(r)) != sizeof(r))
+		memset(r, 0, sizeof(r));
+	close(sync[0]);
+	close(sync[1]);
+	close(res[0]);
+	close(res[1]);
+	result("open-busy-while-read-blocked",
+	       done && r[0] == EBUSY && r[1] < 1 && r[2] == 0 && r[3] < 1,
+	       "blocked=%d vmsocket_open=%s seconds=%.3f misc_open=%s seconds=%.3f",
+	       !done, r[0] ? errname((int)r[0]) : "ok", r[1],
+	       r[2] ? errname((int)r[2]) : "ok", r[3]);
+}
+
+struct poller {
+	int fd;
+	int timeout_ms;
+	int ret;
+	short revents;
+	double seconds;
+};
+
+static void *poll_thread(void *arg)
+{
+	struct poller *p = arg;
+	struct pollfd pfd = { .fd = p->fd, .events = POLLIN };
+	double t = now();
+
+	p->ret = poll(&pfd, 1, p->timeout_ms);
+	p->revents = pfd.revents;
+	p->seconds = now() - t;
+	return NULL;
+}
+
+/*
+ * (2) poll() must see data that arrives while, or right after, another
+ * thread's write() holds the device (and cancels poll()'s READ).
+ */
+static void test_poll_wakeup(const char *echo)
+{
+	static const size_t sizes[] = { 16, 200000, 2u << 20 };
+	unsigned char *out, *back;
+	int fd, i, lost = 0, errs = 0, rounds = 24;
+	double worst = 0, t_written;
+
+	fd = open(echo, O_RDWR);
+	out = malloc(2u << 20);
+	back = malloc(2u << 20);
+	if (fd < 0 || !out || !back) {
+		result("poll-wakeup-after-write", 0, "err=open:%s", errname(errno));
+		return;
+	}
+	fill_random(out, 2u << 20);
+	for (i = 0; i < rounds; i++) {
+		struct poller p = { .fd = fd, .timeout_ms = 4000 };
+		size_t n = sizes[i % ARRAY_SIZE(sizes)];
+		pthread_t th;
+
+		pthread_create(&th, NULL, poll_thread, &p);
+		usleep(i % 2 ? 20000 : 150000);	/* poll() first, usually */
+		if (write_all(fd, out, n))
+			errs++;
+		t_written = now();
+		pthread_join(th, NULL);
+		/* Late: woken only by poll()'s own timeout, not by the data. */
+		if (p.ret != 1 || !(p.revents & POLLIN) || now() - t_written > 1.5)
+			lost++;
+		if (now() - t_written > worst)
+			worst = now() - t_written;
+		if (read_exact(fd, back, n, n) || memcmp(out, back, n))
+			errs++;
+	}
+	close(fd);
+	free(out);
+	free(back);
+	result("poll-wakeup-after-write", !lost && !errs,
+	       "rounds=%d lost_wakeups=%d errors=%d worst_wake_after_write=%.3f",
+	       rounds, lost, errs, worst);
+}
+
+/* (3) An O_NONBLOCK read() must collect a READ that completed meanwhile. */
+static void test_nonblock_read(const char *silent)
+{
+	char buf[256];
+	int fd, tries, got = 0, eagain_first = 0;
+	double t0;
+	ssize_t r;
+
+	fd = open(silent, O_RDWR | O_NONBLOCK);
+	if (fd < 0) {
+		result("nonblock-read-collects", 0, "err=open:%s", errname(errno));
+		return;
+	}
+	for (tries = 0; tries < 10 && !eagain_first; tries++) {
+		put_le64_req(fd, 100);		/* the source answers 100 bytes */
+		r = read(fd, buf, sizeof(buf));
+		if (r < 0 && errno == EAGAIN) {
+			eagain_first = 1;
+			break;
+		}
+		/* Data came at once: drain this answer and try again. */
+		for (got = r > 0 ? r : 0, t0 = now(); got < 100 && now() - t0 < 3;) {
+			r = read(fd, buf, sizeof(buf));
+			if (r > 0)
+				got += r;
+			else
+				usleep(10000);
+		}
+		got = 0;
+	}
+	for (t0 = now(); eagain_first && got < 100 && now() - t0 < 3;) {
+		r = read(fd, buf, sizeof(buf));
+		if (r > 0)
+			got += r;
+		else if (r < 0 && errno != EAGAIN)
+			break;
+		else
+			usleep(20000);
+	}
+	close(fd);
+	result("nonblock-read-collects", eagain_first && got == 100,
+	       "first_read_eagain=%d bytes=%d of=100 tries=%d", eagain_first,
+	       got, tries + 1);
+}
+
+/* (4a) poll() for POLLOUT only must not start a READ (STATUS via BAR0). */
+static volatile uint32_t *map_regs(const char *dev);
+
+static void test_pollout_no_read(const char *echo)
+{
+	volatile uint32_t *regs = map_regs(echo);
+	struct pollfd pfd = { .events = POLLOUT };
+	int fd, ret = -1;
+	int32_t status = 1;
+
+	fd = open(echo, O_RDWR);
+	if (!regs || fd < 0) {
+		result("poll-pollout-starts-no-read", 0, "err=setup:%s",
+		       errname(errno));
+		return;
+	}
+	pfd.fd = fd;
+	ret = poll(&pfd, 1, 0);
+	status = (int32_t)regs[0];	/* -115 (EINPROGRESS): a READ runs */
+	close(fd);
+	munmap((void *)regs, 4096);
+	result("poll-pollout-starts-no-read",
+	       ret == 1 && pfd.revents == POLLOUT && status != -EINPROGRESS,
+	       "revents=%#x status_after_poll=%d", pfd.revents, status);
+}
+
+/*
+ * (4b) No POLLOUT while the peer does not take what was written: a
+ * non-blocking writer that polls must sleep, not spin. A spin is poll()
+ * saying POLLOUT and the very next write() failing with EAGAIN.
+ */
+static void test_pollout_stall(const char *stall)
+{
+	static char chunk[65536];
+	struct pollfd pfd;
+	int fd, i, ret, stalled = 0, spins = 0, eagains = 0;
+	long total = 0;
+	ssize_t r;
+
+	fd = open(stall, O_RDWR | O_NONBLOCK);
+	if (fd < 0) {
+		result("poll-no-pollout-when-peer-stalls", 0, "err=open:%s",
+		       errname(errno));
+		return;
+	}
+	/* The source sends 2^40 bytes: it blocks writing and stops reading. */
+	put_le64_req(fd, 1ULL << 40);
+	usleep(500000);
+	for (i = 0; i < 400 && !stalled && spins < 20; i++) {
+		r = write(fd, chunk, sizeof(chunk));
+		if (r > 0) {
+			total += r;
+			continue;
+		}
+		if (r < 0 && errno != EAGAIN)
+			break;
+		eagains++;
+		pfd.fd = fd;
+		pfd.events = POLLOUT;
+		pfd.revents = 0;
+		ret = poll(&pfd, 1, 1000);
+		if (ret == 0) {
+			stalled = 1;
+			break;
+		}
+		r = write(fd, chunk, sizeof(chunk));
+		if (r > 0)
+			total += r;
+		else if (r < 0 && errno == EAGAIN)
+			spins++;
+	}
+	close(fd);
+	result("poll-no-pollout-when-peer-stalls", stalled && !spins,
+	       "written=%ld eagains=%d poll_timed_out=%d spins=%d", total,
+	       eagains, stalled, spins);
+}
+
+/* (4c) End of file: POLLIN|POLLRDHUP; after EPIPE: POLLHUP. */
+static void test_poll_eof(const char *hangup)
+{
+	struct pollfd pfd;
+	short ev_eof = 0, ev_pipe = 0;
+	int fd, ret, e = 0;
+	char buf[16];
+	ssize_t r, w;
+
+	fd = open(hangup, O_RDWR);
+	if (fd < 0) {
+		result("poll-eof-rdhup-hup", 0, "err=open:%s", errname(errno));
+		return;
+	}
+	pfd.fd = fd;
+	pfd.events = POLLIN | POLLRDHUP;
+	ret = poll(&pfd, 1, 3000);
+	ev_eof = pfd.revents;
+	r = read(fd, buf, sizeof(buf));
+	w = write(fd, "x", 1);
+	if (w < 0)
+		e = errno;
+	pfd.events = POLLIN | POLLOUT | POLLRDHUP;
+	poll(&pfd, 1, 0);
+	ev_pipe = pfd.revents;
+	close(fd);
+	result("poll-eof-rdhup-hup",
+	       ret == 1 && (ev_eof & (POLLIN | POLLRDHUP)) == (POLLIN | POLLRDHUP) &&
+	       r == 0 && w < 0 && (e == EPIPE || e == ECONNRESET) &&
+	       (ev_pipe & POLLHUP),
+	       "eof_revents=%#x read=%zd write_errno=%s after_revents=%#x",
+	       ev_eof, r, w < 0 ? errname(e) : "none", ev_pipe);
+}
+
+/* The BAR0 registers of the PCI function behind /dev/NAME, mapped. */
+static volatile uint32_t *map_regs(const char *dev)
+{
+	char path[256];
+	void *p;
+	int fd;
+
+	snprintf(path, sizeof(path), "/sys/class/misc/%s/device/resource0",
+		 strrchr(dev, '/') + 1);
+	fd = open(path, O_RDWR | O_SYNC);
+	if (fd < 0)
+		return NULL;
+	p = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	close(fd);
+	return p == MAP_FAILED ? NULL : p;
+}
+
+/* "0000:00:14.0" behind /dev/NAME */
+static int pci_name(const char *dev, char *out, size_t len)
+{
+	char path[256], link[256];
+	ssize_t n;
+
+	snprintf(path, sizeof(path), "/sys/class/misc/%s/device",
+		 strrchr(dev, '/') + 1);
+	n = readlink(path, link, sizeof(link) - 1);
+	if (n < 0)
+		return -1;
+	link[n] = 0;
+	snprintf(out, len, "%s", strrchr(link, '/') + 1);
+	return 0;
+}
+
+static int sysfs_write(const char *path, const char *val)
+{
+	int fd = open(path, O_WRONLY), ok;
+
+	if (fd < 0)
+		return -errno;
+	ok = write(fd, val, strlen(val)) == (ssize_t)strlen(val);
+	close(fd);
+	return ok ? 0 : -errno;
+}
+
+/* Wait (bounded) until /dev/NAME exists again after a rebind. */
+static int wait_dev(const char *dev)
+{
+	int i;
+
+	for (i = 0; i < 100; i++) {
+		if (access(dev, F_OK) == 0)
+			return 0;
+		usleep(50000);
+	}
+	return -1;
+}
+
+/*
+ * (7) After kexec the device keeps the old kernel's connection. Simulated:
+ * a raw register user CONNECTs behind the driver, then the driver is
+ * rebound; probe must reset the device so that open() works.
+ */
+static void test_probe_resets(const char *echo2)
+{
+	volatile uint32_t *regs = map_regs(echo2);
+	char bdf[64], back[sizeof(hello)];
+	int fd, e = 0, before, after = -1;
+
+	if (!regs || pci_name(echo2, bdf, sizeof(bdf))) {
+		result("probe-resets-device", 0, "err=map:%s", errname(errno));
+		return;
+	}
+	*(volatile uint16_t *)((volatile char *)regs + 0x20) = 1; /* CONNECT */
+	usleep(100000);
+	fd = open(echo2, O_RDWR);
+	before = fd < 0 ? errno : 0;
+	if (fd >= 0)
+		close(fd);
+	munmap((void *)regs, 4096);
+	if (sysfs_write("/sys/bus/pci/drivers/kvm_vmsocket/unbind", bdf) ||
+	    sysfs_write("/sys/bus/pci/drivers/kvm_vmsocket/bind", bdf) ||
+	    wait_dev(echo2)) {
+		result("probe-resets-device", 0, "err=rebind:%s", errname(errno));
+		return;
+	}
+	fd = open(echo2, O_RDWR);
+	if (fd < 0) {
+		e = errno;
+	} else {
+		after = echo_once(fd, hello, sizeof(hello) - 1, back);
+		close(fd);
+	}
+	result("probe-resets-device", fd >= 0 && after == 0,
+	       "open_before_rebind=%s open_after_rebind=%s echo=%s",
+	       before ? errname(before) : "ok", fd < 0 ? errname(e) : "ok",
+	       after == 0 ? "ok" : after < 0 && fd >= 0 ? echo_err(after) : "none");
+}
+
+/* (7) Suspend (pm_test=devices) closes the connection; the device works after. */
+static void test_suspend(const char *echo)
+{
+	char back[sizeof(hello)], buf[16];
+	int fd, r0, fd2, r2 = -1, e_read = 0, e_open = 0, susp;
+	double t;
+	ssize_t r;
+
+	fd = open(echo, O_RDWR);
+	if (fd < 0) {
+		result("suspend-closes-connection", 0, "err=open:%s", errname(errno));
+		return;
+	}
+	r0 = echo_once(fd, hello, sizeof(hello) - 1, back);
+	/* Device callbacks only: pm_test=devices resumes after 5 s. */
+	sysfs_write("/sys/power/mem_sleep", "deep");
+	susp = sysfs_write("/sys/power/pm_test", "devices");
+	if (!susp)
+		susp = sysfs_write("/sys/power/state", "mem");
+	sysfs_write("/sys/power/pm_test", "none");
+	alarm(3);			/* a live connection stays silent */
+	r = read(fd, buf, sizeof(buf));
+	if (r < 0)
+		e_read = errno;
+	alarm(0);
+	close(fd);
+	t = now();
+	fd2 = open(echo, O_RDWR);
+	if (fd2 < 0) {
+		e_open = errno;
+	} else {
+		r2 = echo_once(fd2, hello, sizeof(hello) - 1, back);
+		close(fd2);
+	}
+	t = now() - t;
+	result("suspend-closes-connection",
+	       !r0 && !susp && r < 0 && e_read == ECONNRESET && fd2 >= 0 && !r2 &&
+	       t < 0.5,
+	       "suspend=%s old_fd_read=%zd errno=%s reopen=%s echo=%s seconds=%.3f",
+	       susp ? errname(-susp) : "ok", r, r < 0 ? errname(e_read) : "none",
+	       fd2 < 0 ? errname(e_open) : "ok",
+	       r2 == 0 ? "ok" : r2 == -1 ? "none" : echo_err(r2), t);
+}
+
+/*
+ * (6) An action the driver did not start is pending (a raw register user
+ * started a READ on a silent peer): close() must not wait for it forever
+ * (D state); afterwards the device must be usable again.
+ */
+static int test_foreign_pending(const char *foreign)
+{
+	volatile uint32_t *regs = map_regs(foreign);
+	int fd, done, st, fd2 = -1, e2 = 0;
+	pid_t closer;
+
+	fd = open(foreign, O_RDWR);
+	if (!regs || fd < 0) {
+		result("close-with-foreign-pending-action", 0, "err=setup:%s",
+		       errname(errno));
+		return 0;
+	}
+	regs[0x60 / 4] = 4096;		/* READ behind the driver's back */
+	usleep(100000);
+	closer = fork();
+	if (closer == 0) {
+		close(fd);
+		_exit(0);
+	}
+	close(fd);			/* the child holds the last reference */
+	done = wait_for(closer, 15, &st);
+	if (done) {
+		fd2 = open(foreign, O_RDWR);
+		if (fd2 < 0)
+			e2 = errno;
+		else
+			close(fd2);
+	}
+	munmap((void *)regs, 4096);
+	result("close-with-foreign-pending-action", done && fd2 >= 0,
+	       "close_returned=%d reopen=%s", done,
+	       !done ? "not-tried" : fd2 < 0 ? errname(e2) : "ok");
+	return done;
+}
+
+static volatile int hammer_stop;
+
+/*
+ * (6) A device that never lets an action end (a raw register user re-arms
+ * READ as soon as anything cancels it): every call must come back in bounded
+ * time, and once the driver gave up, report EIO (and POLLERR).
+ */
+static void test_cancel_timeout(const char *foreign)
+{
+	volatile uint32_t *regs = map_regs(foreign);
+	struct pollfd pfd;
+	pid_t hammer, worker;
+	int fd, st, done, res[2];
+	int out[4] = { 0, 0, 0, 0 };
+
+	fd = open(foreign, O_RDWR);
+	if (!regs || fd < 0 || pipe(res)) {
+		result("hammered-device-calls-return", 0, "err=setup:%s",
+		       errname(errno));
+		return;
+	}
+	hammer = fork();
+	if (hammer == 0) {
+		double end = now() + 45;
+
+		while (now() < end)
+			regs[0x60 / 4] = 4096;
+		_exit(0);
+	}
+	usleep(200000);
+	worker = fork();
+	if (worker == 0) {
+		struct sigaction sa;
+		char buf[64];
+		ssize_t r;
+
+		memset(&sa, 0, sizeof(sa));
+		sa.sa_handler = on_alarm;
+		sigaction(SIGALRM, &sa, NULL);
+		for (out[3] = 1; out[3] <= 3; out[3]++) {
+			alarm(1);
+			r = read(fd, buf, sizeof(buf));	/* CANCEL times out */
+			alarm(0);
+			out[0] = r < 0 ? errno : 0;
+			if (out[0] == EIO)
+				break;
+		}
+		alarm(3);
+		r = write(fd, "x", 1);
+		alarm(0);
+		out[1] = r < 0 ? errno : 0;
+		pfd.fd = fd;
+		pfd.events = POLLIN | POLLOUT;
+		poll(&pfd, 1, 0);
+		out[2] = pfd.revents;
+		close(fd);
+		if (write(res[1], out, sizeof(out)) != sizeof(out))
+			_exit(1);
+		_exit(0);
+	}
+	close(fd);
+	done = wait_for(worker, 60, &st);
+	kill(hammer, SIGKILL);
+	waitpid(hammer, NULL, 0);
+	if (!done || read(res[0], out, sizeof(out)) != sizeof(out))
+		memset(out, 0, sizeof(out));
+	munmap((void *)regs, 4096);
+	/*
+	 * Whether a CANCEL times out depends on the raw user winning a race
+	 * with the driver's STATUS read; when it does (read() gives EIO), the
+	 * driver must stay broken: write() EIO, POLLERR. Either way every call
+	 * must come back.
+	 */
+	result("hammered-device-calls-return",
+	       done && (out[0] != EIO || (out[1] == EIO && (out[2] & POLLERR))),
+	       "returned=%d cancel_timed_out=%d read=%s reads=%d write=%s revents=%#x",
+	       done, out[0] == EIO,
+	       out[0] ? errname(out[0]) : "ok", out[3],
+	       out[1] ? errname(out[1]) : "ok", out[2]);
+}
+
+static char **only;
+
+/* With test names after the devices, run only those. */
+static int want(const char *name)
+{
+	char **p;
+
+	if (!only || !*only)
+		return 1;
+	for (p = only; *p; p++)
+		if (!strcmp(*p, name))
+			return 1;
+	return 0;
+}
+
+static int cmd_driver(char **dev)
+{
+	struct sigaction sa;
+	int foreign_ok = 1;
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_alarm;	/* no SA_RESTART */
+	sigaction(SIGALRM, &sa, NULL);
+	only = dev + 6;
+	if (want("open-busy-while-read-blocked"))
+		test_open_while_reader_blocked(dev[1]);
+	if (want("poll-wakeup-after-write"))
+		test_poll_wakeup(dev[0]);
+	if (want("nonblock-read-collects"))
+		test_nonblock_read(dev[1]);
+	if (want("poll-pollout-starts-no-read"))
+		test_pollout_no_read(dev[0]);
+	if (want("poll-no-pollout-when-peer-stalls"))
+		test_pollout_stall(dev[3]);
+	if (want("poll-eof-rdhup-hup"))
+		test_poll_eof(dev[2]);
+	if (want("probe-resets-device"))
+		test_probe_resets(dev[5]);
+	if (want("close-with-foreign-pending-action"))
+		foreign_ok = test_foreign_pending(dev[4]);
+	if (want("hammered-device-calls-return")) {
+		if (foreign_ok)
+			test_cancel_timeout(dev[4]);
+		else
+			result("hammered-device-calls-return", 0,
+			       "err=device-wedged-by-previous-test");
+	}
+	if (want("suspend-closes-connection"))
+		test_suspend(dev[0]);	/* last: a hung suspend ends the run */
+	printf("VMSOCKET-TEST-DONE pass=%d fail=%d\n", npass, nfail);
+	return nfail ? 1 : 0;
+}
+
 static int usage(void)
 {
 	fprintf(stderr,
 		"usage: vmsocket-test selftest DEV\n"
 		"       vmsocket-test refused DEV\n"
 		"       vmsocket-test signal DEV\n"
-		"       vmsocket-test bench CHANNEL ECHO_DEV SINK_DEV SOURCE_DEV\n");
+		"       vmsocket-test bench CHANNEL ECHO_DEV SINK_DEV SOURCE_DEV\n"
+		"       vmsocket-test driver ECHO SILENT HANGUP STALL FOREIGN ECHO2 [TEST...]\n");
 	return 2;
 }
 
@@ -587,5 +1233,7 @@ int main(int argc, char **argv)
 		return cmd_signal(argv[2]);
 	if (argc == 6 && !strcmp(argv[1], "bench"))
 		return cmd_bench(argv[2], argv[3], argv[4], argv[5]);
+	if (argc >= 8 && !strcmp(argv[1], "driver"))
+		return cmd_driver(argv + 2);
 	return usage();
 }

@@ -24,6 +24,9 @@ Protocols (all integers 8-byte little-endian):
     Requests repeat until EOF.
 ``refused``
     a socket bound but not listening: ``connect`` gets ``ECONNREFUSED``.
+``hangup``
+    accepts and closes at once: the guest sees end of file, then ``EPIPE``
+    (the driver's poll() tests).
 
 Each server records every connection (bytes in and out, requests, errors).
 The echo server keeps its input (up to ``keep_limit`` bytes per connection)
@@ -51,7 +54,7 @@ FNV_OFFSET = 0xCBF29CE484222325
 FNV_PRIME = 0x100000001B3
 _MASK = (1 << 64) - 1
 CHUNK = 1 << 16
-KINDS = ("echo", "sink", "source", "refused")
+KINDS = ("echo", "sink", "source", "refused", "hangup")
 
 
 def fnv1a64(data: bytes, h: int = FNV_OFFSET) -> int:
@@ -229,6 +232,10 @@ class _Server:
                 left -= n
                 conn.bytes_out += n
                 await writer.drain()
+
+    async def _hangup(self, conn: _Conn, reader: asyncio.StreamReader,
+                      writer: asyncio.StreamWriter) -> None:
+        """Nothing: ``_handle`` closes the connection."""
 
     def stats(self, *, fnv: bool) -> ServerStats:
         with self.lock:
