@@ -389,9 +389,14 @@ static int vmsocket_tx_settle(struct vmsocket_dev *vd, enum vmsocket_wait mode)
 			return -EAGAIN;
 		break;
 	case VMSOCKET_WAIT_INTERRUPTIBLE:
-		ret = wait_event_interruptible(vd->wq, vmsocket_wake_cond(vd));
-		if (ret)
-			return -ERESTARTSYS;
+		/* re-check once a second, in case an interrupt is lost */
+		do {
+			ret = wait_event_interruptible_timeout(vd->wq,
+							       vmsocket_wake_cond(vd),
+							       VMSOCKET_POLL_INTERVAL);
+			if (ret < 0)
+				return -ERESTARTSYS;
+		} while (!vmsocket_wake_cond(vd));
 		if (READ_ONCE(vd->gone))
 			return -ENODEV;
 		break;
