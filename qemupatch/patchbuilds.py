@@ -56,6 +56,7 @@ compiler) built OK before is reused, with no checkout-and-ninja run, from
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -79,6 +80,7 @@ SCHEMA = 1
 EACH, STACK = "each-patch", "stack"     # PatchBuilds.mode
 RECORD, JUNIT = "patch-builds.json", "patch-builds.junit.xml"
 QTEST_GLOB = "tests/qtest/*-test.c"
+STRICT_ERROR_RE = re.compile(r"(error:|ERROR:|FAILED:|fatal error|undefined reference)")
 
 
 @dataclass(frozen=True)
@@ -330,6 +332,8 @@ def _build_step(cfg: Config, rel: Release, step: Step, total: int, src: WorkTree
     compile_log = qemu_out / "logs" / "compile.log"
     if compile_log.is_file():
         shutil.copyfile(compile_log, log)
+        if excerpt:
+            excerpt = _errors_in(log.read_text(errors="replace")) or excerpt
     else:
         log.write_text("(no build log: the build stopped before it ran)\n")
     if (qemu_out / "build.json").is_file():
@@ -361,6 +365,13 @@ def _key(cfg: Config, rel: Release, source: Path, qemu_out: Path, tree: str,
     log_dir.mkdir(parents=True, exist_ok=True)
     env = runner.prepare(spec, log_dir=log_dir, timeout=options.timeout)
     return build.inputs_key(spec, env)
+
+
+def _errors_in(log: str, count: int = 12) -> str:
+    """The first error lines of a build log (the compiler's, meson's,
+    ninja's), without build.py's broader "not found" lines (meson prints
+    "Compiler for language cpp ... not found" on every configure)."""
+    return "\n".join([line for line in log.splitlines() if STRICT_ERROR_RE.search(line)][:count])
 
 
 def _first_errors(message: str) -> str:
