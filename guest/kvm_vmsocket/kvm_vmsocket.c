@@ -478,8 +478,8 @@ static int vmsocket_open(struct inode *inode, struct file *file)
 unlock:
 	mutex_unlock(&vd->lock);
 put:
-	kref_put(&vd->kref, vmsocket_free);
 	clear_bit(VMSOCKET_OPEN, &vd->flags);
+	kref_put(&vd->kref, vmsocket_free);
 	return ret;
 }
 
