@@ -439,11 +439,13 @@ def build_records(run: MatrixRun, run_dir: Path) -> list[dict]:
             except (OSError, ValueError):
                 continue
             image = data.get("image") or {}
+            facts = {**data, **(data.get("facts") or {})}   # older records: facts on top
             found.append({
                 "target": tres.target.name, "kind": data.get("kind"),
                 "name": data.get("name") or data.get("kind"),
-                "release": data.get("release"), "kernel": data.get("kernel"),
-                "status": data.get("status"), "series_hash": data.get("series_hash"),
+                "release": facts.get("release"), "kernel": facts.get("kernel"),
+                "status": data.get("status"), "series_hash": facts.get("series_hash"),
+                "reused": data.get("reused", False),
                 "image": {"id": image.get("id"), "tag": image.get("tag")}
                 if isinstance(image, dict) else image,
                 "sha256": data.get("sha256", {}),

@@ -95,6 +95,7 @@ def test_nightly_then_release_then_refused_as_stale(tmp_path):
     qemu = next(b for b in prov["builds"] if b["kind"] == "qemu")
     record = json.loads((latest / qemu["record"]).read_text())
     assert qemu["image"]["id"] == record["image"]["id"] and qemu["image"]["id"]
+    assert qemu["release"] == RELEASE and qemu["series_hash"] == run["series_hash"]
     assert qemu["sha256"]["qemu-system-x86_64"] == record["sha256"]["qemu-system-x86_64"]
     assert any(b["kind"] == "module" for b in prov["builds"])
     changelog = (dist / "CHANGELOG.md").read_text()

@@ -18,7 +18,7 @@ from qemupatch.errors import ReleaseRefused, UserError
 from qemupatch.matrix import Attempt, MatrixRun, StageResult, TargetResult
 from qemupatch.run import git
 from qemupatch.series import read_series
-from tests.conftest import V1, Project, commit_change, commit_files, synthetic_project
+from tests.conftest import REPO_ROOT, V1, Project, commit_change, commit_files, synthetic_project
 
 V11 = {**V1, "offset.c": "".join(f"L0.{i} new upstream line\n" for i in range(5)) + V1["offset.c"]}
 RUN_ID = "20261127T010000Z"
@@ -103,8 +103,8 @@ def write_run(proj: Project, run: MatrixRun) -> Path:
     run_dir = proj.root / "out" / "nightly" / run.run_id
     for t in run.targets:
         records.write_json(run_dir / t.target.name / "build" / "build.json", {
-            "kind": "qemu", "release": t.target.release, "status": "ok",
-            "series_hash": t.series_hash,
+            "kind": "qemu", "status": "ok",
+            "facts": {"release": t.target.release, "series_hash": t.series_hash},
             "image": {"id": f"sha256:image-{t.target.kernel}", "tag": "qemupatch-build:x"},
             "sha256": {"qemu-system-x86_64": "ab" * 32}})
     records.write_json(run_dir / matrix.RESULT_NAME, matrix.run_to_json(run))
@@ -336,6 +336,8 @@ def test_release_tags_and_writes_dist(rproj):
     assert len(prov["builds"]) == 4
     assert {b["image"]["id"] for b in prov["builds"]} == {"sha256:image-k1", "sha256:image-k2"}
     assert all(b["sha256"]["qemu-system-x86_64"] == "ab" * 32 for b in prov["builds"])
+    assert {b["release"] for b in prov["builds"]} == {"v1.0.0", "v1.1.0"}
+    assert {b["series_hash"] for b in prov["builds"]} == {h}
     assert (run_dir / prov["builds"][0]["record"]).is_file()
     # the work tree is still clean (dist/ is ignored): a next release is possible
     assert release.dirty_files(root) == []
@@ -460,3 +462,16 @@ def test_write_readme_refuses_a_red_run_and_a_readme_without_markers(rproj):
     green_dir = write_run(rproj, green_run(rproj, run_id="20261127T060000Z"))
     with pytest.raises(UserError, match="no <!-- supported-releases:begin -->"):
         release.write_readme(rproj.cfg, matrix.load_run(green_dir), green_dir)
+
+
+def test_readme_block_is_generated_from_the_recorded_green_run():
+    """The project's README shows exactly what the run it names proved."""
+    run = matrix.load_run(REPO_ROOT / release.SUPPORTED_RECORD)
+    assert run.outcome == matrix.PASS
+    text = (REPO_ROOT / "README.md").read_text()
+    start = text.index(release.README_BEGIN)
+    end = text.index(release.README_END) + len(release.README_END)
+    assert text[start:end] == release.readme_block(run)
+    assert text[:start].rstrip().endswith("## Supported releases")
+    for t in run.targets:
+        assert f"| {t.target.release} |" in text[start:end]
