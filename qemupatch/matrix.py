@@ -26,7 +26,25 @@ from qemupatch.run import git
 SCHEMA = 1
 # The stages of one target, in order.  patch-builds: each patch of the
 # series builds on its own (incrementally, after the one before it).
-STAGES = ("fetch", "rebase", "patch-builds", "build", "boot-test", "qtest")
+# fuzz: the series' qtest and the seeded fuzzer against an ASan+UBSan build.
+STAGES = ("fetch", "rebase", "patch-builds", "build", "boot-test", "qtest", "fuzz")
+# What each stage needs to have passed: a failure skips only the stages that
+# depend on it (a patch that does not build alone still lets the whole
+# series be built, booted and fuzzed).
+NEEDS = {"rebase": ("fetch",), "patch-builds": ("rebase",), "build": ("rebase",),
+         "boot-test": ("build",), "qtest": ("build",), "fuzz": ("rebase",)}
+
+
+def needs(stage: str) -> set[str]:
+    """Every stage ``stage`` depends on, directly or not."""
+    found: set[str] = set()
+    todo = list(NEEDS.get(stage, ()))
+    while todo:
+        s = todo.pop()
+        if s not in found:
+            found.add(s)
+            todo += NEEDS.get(s, ())
+    return found
 
 PASS, FAIL, INFRA, SKIP = "pass", "fail", "infra", "skip"
 OUTCOMES = (PASS, FAIL, INFRA, SKIP)

@@ -45,6 +45,7 @@ from pathlib import Path
 
 from qemupatch import boottest, build, guest, pipeline, workflow
 from qemupatch import matrix as mx
+from qemupatch import fuzz as fz
 from qemupatch import qtest as qt
 from qemupatch import report as rpt
 from qemupatch.config import Config
@@ -67,9 +68,10 @@ from qemupatch.upstream import add_release
 
 Say = Callable[[str], None]
 # Stages whose work and result belong to the release, not the target.
-SHARED = ("fetch", "rebase", "patch-builds", "qtest")
+SHARED = ("fetch", "rebase", "patch-builds", "qtest", "fuzz")
 FORMATS = ("github", "gitlab", "json")
 EXCERPT_LINES = 40
+FUZZ_SEEDS, FUZZ_OPERATIONS = 2, 3000
 LATEST = "latest"
 
 
@@ -192,7 +194,8 @@ class _Nightly:
 
     def fns(self) -> dict[str, StageFn]:
         return {"fetch": self.fetch, "rebase": self.rebase, "patch-builds": self.patch_builds,
-                "build": self.build, "boot-test": self.boot_test, "qtest": self.qtest}
+                "build": self.build, "boot-test": self.boot_test, "qtest": self.qtest,
+                "fuzz": self.fuzz}
 
     def runner(self) -> Runner:
         """One build runner (one container engine) for the whole run,
@@ -407,6 +410,57 @@ class _Nightly:
         ctx.reason = f"{res.passed} qtests pass" + (f", {res.skipped} skipped"
                                                     if res.skipped else "")
 
+    # fuzz -------------------------------------------------------------------------
+
+    def fuzz(self, ctx: StageContext) -> None:
+        """The series' qtest and the seeded fuzzer against an ASan+UBSan
+        build of this release (its own build folder; ccache shared)."""
+        release = ctx.target.release
+        src = self.source(release)
+        asan = build.build_qemu(
+            src.worktree.path, self.cache / release / "qemu-asan", release=release,
+            repacked=src.release.provenance.repacked, runner=self.runner(),
+            project_root=self.cfg.root, patches=self.cfg.patches_dir,
+            options=fz.sanitizer_options(build.QemuBuildOptions(
+                ccache_dir=self.cfg.cache_dir / "ccache-host",
+                extra_targets=(qt.QTEST_TARGET,))),
+            progress=_SayProgress(self.say, f"  {release} qemu (ASan+UBSan)"),
+            source_id=src.tree_id)
+        ctx.link("provenance", asan.build_json)
+        try:
+            res = qt.run_qtest(asan.out_dir / Path(qt.QTEST_TARGET).name, asan.binary,
+                               ctx.dir / "qtest", env=fz.SANITIZER_ENV)
+        except Failed as exc:
+            failed = getattr(exc, "result", None)
+            if failed is not None:
+                ctx.excerpt = _excerpt("\n".join(failed.failures) + "\n" + _tail(failed.log_path))
+            raise
+        finally:
+            ctx.link("qtest log", ctx.dir / "qtest" / qt.LOG_NAME)
+        if reports := fz._reports((ctx.dir / "qtest" / qt.LOG_NAME).read_text(errors="replace")):
+            ctx.excerpt = _excerpt("\n\n".join(reports))
+            raise Failed(f"sanitizer report during the qtest under ASan+UBSan: "
+                         f"{reports[0].splitlines()[0][:160]}")
+        first = int(ctx.run_dir.name.encode().hex(), 16) % (1 << 31) if ctx.run_dir.name else 1
+        results = fz.run_seeds(asan.binary, ctx.dir, first_seed=first, seeds=FUZZ_SEEDS,
+                               operations=FUZZ_OPERATIONS, say=self._quiet(ctx))
+        for r in results:
+            ctx.link(f"fuzz seed {r.seed}", r.out_dir / "fuzz.json")
+        ops = sum(r.operations for r in results)
+        seconds = sum(r.seconds for r in results)
+        ctx.figures.update(qtest_passed=res.passed, seeds=[r.seed for r in results],
+                           operations=ops, ops_per_s=round(ops / seconds if seconds else 0, 1),
+                           asan_compile_s=round(asan.seconds, 1))
+        bad = [r for r in results if not r.ok]
+        if bad:
+            ctx.excerpt = _excerpt("\n\n".join(
+                f"seed {r.seed}:\n" + "\n".join(r.findings) + f"\nreproduce: "
+                f"{r.reproduce(asan.binary)}" for r in bad))
+            raise Failed(f"fuzz findings under ASan+UBSan with seed(s) "
+                         f"{', '.join(str(r.seed) for r in bad)}")
+        ctx.reason = (f"{res.passed} qtests and {ops} fuzz operations ({len(results)} seeds "
+                      f"from {first}) under ASan+UBSan: no report")
+
     def _quiet(self, ctx: StageContext) -> Say:
         return lambda msg: self.say(f"  {ctx.target.name} {ctx.stage}: {msg}")
 
@@ -498,9 +552,13 @@ def _one_stage(stage: str, fn: StageFn, target: Target, before: list[StageResult
                backoff: float, say: Say) -> StageResult:
     if stage not in chosen:
         return StageResult(stage, SKIP, reason="not asked for (--stages)")
-    failed = next((s for s in before if s.outcome in (FAIL, INFRA)), None)
+    required = mx.needs(stage)
+    failed = next((s for s in before if s.stage in required
+                   and (s.outcome in (FAIL, INFRA) or s.reason.startswith("after "))), None)
     if failed is not None:
-        return StageResult(stage, SKIP, reason=f"after {failed.stage} failed")
+        cause = failed.reason.split(" failed")[0].removeprefix("after ") \
+            if failed.outcome == SKIP else failed.stage
+        return StageResult(stage, SKIP, reason=f"after {cause} failed")
     key = (target.release, stage)
     if stage in SHARED and key in shared:
         result, origin = shared[key]

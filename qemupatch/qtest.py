@@ -72,10 +72,12 @@ def count_tap(tap: str) -> tuple[int, int, int]:
 
 
 def run_qtest(qtest: Path, qemu: Path, out_dir: Path, *, timeout: float = 1500,
-              rom_dirs: tuple[str, ...] = ROM_DIRS) -> QtestResult:
+              rom_dirs: tuple[str, ...] = ROM_DIRS,
+              env: dict[str, str] | None = None) -> QtestResult:
     """Run ``qtest --tap -k`` against ``qemu`` (through a wrapper adding
     ``-L`` for each of ``rom_dirs``); writes qtest.tap and qtest.log in
-    ``out_dir``.  Returns the result when every test passed; raises
+    ``out_dir``; ``env`` is added to the environment (sanitizer options).
+    Returns the result when every test passed; raises
     :class:`Failed` (with ``.result``) naming the failures otherwise."""
     qtest, qemu = Path(qtest).resolve(), Path(qemu).resolve()
     for path, what in ((qtest, "qtest binary"), (qemu, "QEMU binary")):
@@ -88,7 +90,7 @@ def run_qtest(qtest: Path, qemu: Path, out_dir: Path, *, timeout: float = 1500,
     atomic_write(wrapper, f"#!/bin/sh\nexec {shlex.quote(str(qemu))} {roms} \"$@\"\n")
     wrapper.chmod(0o755)
     argv = [str(qtest), "--tap", "-k"]
-    env = {"QTEST_QEMU_BINARY": str(wrapper)}
+    env = {**(env or {}), "QTEST_QEMU_BINARY": str(wrapper)}
     try:
         res = run(argv, timeout=timeout, cwd=out_dir, env=env, check=False)
         stdout, stderr, code, seconds = res.stdout, res.stderr, res.returncode, res.seconds

@@ -103,6 +103,7 @@ def test_stages_after_a_failure_are_skipped(carry_project, tmp_path):
     assert build_stage.links == {"log": f"{T1.name}/build/build.txt"}
     for name in ("boot-test", "qtest"):
         assert (t.stage(name).outcome, t.stage(name).reason) == (SKIP, "after build failed")
+    assert t.stage("fuzz").outcome == PASS     # it builds a QEMU of its own
     assert ("v2.1.0-linux-6.1", "boot-test") not in calls.calls
     assert t.outcome == FAIL and nightly.exit_code(res) == 1
 
@@ -124,8 +125,27 @@ def test_infra_that_persists_is_infra_and_exit_3(carry_project, tmp_path):
     res = run(carry_project.cfg, tmp_path, calls, targets=[T1], retries=1, backoff=0.01)
     boot = res.target(T1.name).stage("boot-test")
     assert boot.outcome == INFRA and len(boot.attempts) == 2
-    assert res.target(T1.name).stage("qtest").reason == "after boot-test failed"
+    # the qtest needs the build, not the boot: it still runs
+    assert res.target(T1.name).stage("qtest").outcome == PASS
     assert res.outcome == INFRA and nightly.exit_code(res) == 3
+
+
+def test_a_failure_skips_only_the_stages_that_need_it(carry_project, tmp_path):
+    """A patch that does not build on its own still lets the series be
+    built, booted, qtested and fuzzed; a failed rebase stops everything."""
+    calls = Calls({(T1.name, "patch-builds"): Failed("patch 2 does not build alone")})
+    res = run(carry_project.cfg, tmp_path, calls, targets=[T1])
+    t = res.target(T1.name)
+    assert t.stage("patch-builds").outcome == FAIL
+    assert {s: t.stage(s).outcome for s in ("build", "boot-test", "qtest", "fuzz")} == \
+        dict.fromkeys(("build", "boot-test", "qtest", "fuzz"), PASS)
+    assert t.outcome == FAIL
+    calls = Calls({(T1.name, "rebase"): Failed("conflict in hw/misc/meson.build")})
+    res = run(carry_project.cfg, tmp_path / "again", calls, targets=[T1])
+    t = res.target(T1.name)
+    assert [(s.stage, s.reason) for s in t.stages if s.outcome == SKIP] == [
+        (s, "after rebase failed") for s in ("patch-builds", "build", "boot-test", "qtest",
+                                             "fuzz")]
 
 
 def test_backoff_doubles():

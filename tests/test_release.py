@@ -202,7 +202,7 @@ def test_missing_cell_and_missing_stage_are_named(rproj):
     write_run(rproj, run)
     msg = refusal(rproj)
     assert "missing cell v1.1.0-linux-k1" in msg
-    assert f"missing stage {first.target.name} qtest" in msg
+    assert f"missing stage {first.target.name} {first.stages[-1].stage}" in msg
 
 
 def test_unrequired_target_does_not_gate(rproj):
