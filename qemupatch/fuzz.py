@@ -45,6 +45,7 @@ from qemupatch.runner import Runner
 
 # Sanitized QEMU: ASan and UBSan, the rest as the normal build.
 SANITIZER_ARGS = ("--enable-asan", "--enable-ubsan")
+LEGACY_SANITIZER_ARGS = ("--enable-sanitizers",)
 SANITIZER_ENV = {
     # Coroutines make LeakSanitizer noisy; a UBSan finding stops QEMU.
     "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1:abort_on_error=0",
@@ -95,9 +96,17 @@ class FuzzResult:
         return f"qemupatch fuzz --qemu {qemu} --seed {self.seed} --ops {self.operations}"
 
 
-def sanitizer_options(base: QemuBuildOptions, build_dir: Path | None = None) -> QemuBuildOptions:
+def sanitizer_args(source: Path) -> tuple[str, ...]:
+    """configure's spelling of ASan+UBSan in the QEMU at ``source``: QEMU 8.1
+    split 7.2's ``--enable-sanitizers`` into ``--enable-asan --enable-ubsan``."""
+    options = (source / "meson_options.txt").read_text()
+    return SANITIZER_ARGS if "option('asan'" in options else LEGACY_SANITIZER_ARGS
+
+
+def sanitizer_options(base: QemuBuildOptions, source: Path,
+                      build_dir: Path | None = None) -> QemuBuildOptions:
     """``base`` plus ASan and UBSan, in a build folder of its own."""
-    return replace(base, configure_args=(*base.configure_args, *SANITIZER_ARGS),
+    return replace(base, configure_args=(*base.configure_args, *sanitizer_args(source)),
                    build_dir=build_dir)
 
 
@@ -473,7 +482,7 @@ def build_sanitized_qemu(cfg: Config, release: str | None = None, *, runner: Run
     rel, wt, _ = workflow.build_source(cfg, release)
     out_dir = out_dir or cfg.cache_dir / "sanitized" / rel.name
     base = base or QemuBuildOptions(ccache_dir=cfg.cache_dir / "ccache-host")
-    options = sanitizer_options(replace(base, extra_targets=(QTEST_TARGET,)))
+    options = sanitizer_options(replace(base, extra_targets=(QTEST_TARGET,)), wt.path)
     return build_qemu(wt.path, out_dir, release=rel.name, repacked=rel.provenance.repacked,
                       runner=runner, project_root=cfg.root, patches=cfg.patches_dir,
                       options=options)

@@ -423,7 +423,7 @@ class _Nightly:
             project_root=self.cfg.root, patches=self.cfg.patches_dir,
             options=fz.sanitizer_options(build.QemuBuildOptions(
                 ccache_dir=self.cfg.cache_dir / "ccache-host",
-                extra_targets=(qt.QTEST_TARGET,))),
+                extra_targets=(qt.QTEST_TARGET,)), src.worktree.path),
             progress=_SayProgress(self.say, f"  {release} qemu (ASan+UBSan)"),
             source_id=src.tree_id)
         ctx.link("provenance", asan.build_json)

@@ -110,3 +110,14 @@ def test_a_silent_qemu_is_a_hang_not_a_wait_forever(tmp_path):
         qt.close()
         peer.close()
         listener.close()
+
+
+def test_sanitizers_are_spelled_as_the_release_configure_wants(tmp_path):
+    from qemupatch.build import QemuBuildOptions
+
+    (tmp_path / "meson_options.txt").write_text("option('sanitizers', type: 'boolean')\n")
+    assert fuzz.sanitizer_args(tmp_path) == ("--enable-sanitizers",)
+    (tmp_path / "meson_options.txt").write_text("option('asan', type: 'boolean')\n"
+                                                "option('ubsan', type: 'boolean')\n")
+    opts = fuzz.sanitizer_options(QemuBuildOptions(), tmp_path)
+    assert opts.configure_args[-2:] == ("--enable-asan", "--enable-ubsan")
