@@ -421,6 +421,7 @@ def run_fuzz(qemu: Path, out_dir: Path, *, seed: int, operations: int | None = N
         finally:
             qt.close()
             listener.close()
+            qtest_path.unlink(missing_ok=True)    # a socket file cannot be copied
             qemu_exit = machine.shutdown()
         elapsed = time.monotonic() - start
         if qemu_exit.how not in ("quit",) and not findings:

@@ -58,6 +58,7 @@ def test_seeded_fuzz_finds_nothing_under_asan_and_ubsan(tmp_path):
         assert r.op_counts.get("reset", 0) > 0 and r.op_counts.get("unplug", 0) > 0
         assert len(r.server_modes) >= 3, "the host server must misbehave in several ways"
         assert (r.out_dir / "fuzz.json").exists() and (r.out_dir / "ops.log").exists()
+        assert not list(r.out_dir.glob("*.sock")), "sockets left behind (a run folder is copied)"
 
 
 @pytest.mark.parametrize("signal, expect", [("SEGV", "exited"), ("STOP", "no answer")])
