@@ -28,6 +28,7 @@ import os
 import random
 import re
 import socket
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -368,11 +369,18 @@ def run_fuzz(qemu: Path, out_dir: Path, *, seed: int, operations: int | None = N
     if operations is None and seconds is None:
         raise ValueError("give operations or seconds")
     out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="qemupatch-fuzz-") as sockets:
+        # Socket paths must stay short (108 bytes), so not under out_dir.
+        return _run_fuzz(qemu, out_dir, Path(sockets), seed=seed, operations=operations,
+                         seconds=seconds, hang_seconds=hang_seconds, env=env, say=say)
+
+
+def _run_fuzz(qemu: Path, out_dir: Path, sockets: Path, *, seed: int, operations: int | None,
+              seconds: float | None, hang_seconds: float, env: dict[str, str] | None,
+              say: Callable[[str], None]) -> FuzzResult:
     rng = random.Random(seed)
-    server_path = out_dir / "host.sock"
-    qtest_path = out_dir / "qtest.sock"
-    for p in (server_path, qtest_path):
-        p.unlink(missing_ok=True)
+    server_path = sockets / "host.sock"
+    qtest_path = sockets / "qtest.sock"
     device = f"vmsocket,id=vs0,addr={SLOT:#x},path={server_path},bufsize={BUFSIZE}"
     argv = [str(qemu), *ROM_ARGS, "-machine", "pc", "-accel", "qtest", "-display", "none",
             "-nodefaults", "-qtest", f"unix:{qtest_path}", "-device", device]
@@ -421,7 +429,6 @@ def run_fuzz(qemu: Path, out_dir: Path, *, seed: int, operations: int | None = N
         finally:
             qt.close()
             listener.close()
-            qtest_path.unlink(missing_ok=True)    # a socket file cannot be copied
             qemu_exit = machine.shutdown()
         elapsed = time.monotonic() - start
         if qemu_exit.how not in ("quit",) and not findings:
