@@ -60,7 +60,7 @@ from qemupatch.matrix import (
     StageResult,
     Target,
 )
-from qemupatch.progress import NullProgress
+from qemupatch.progress import LineProgress, NullProgress
 from qemupatch.records import atomic_write, utc_now, write_json
 from qemupatch.run import git
 from qemupatch.runner import Runner
@@ -187,7 +187,7 @@ class _Nightly:
         self.cfg, self.run_dir, self.engine, self.exits, self.say = cfg, run_dir, engine, exits, say
         self.cache = cfg.cache_dir / "nightly"
         self._runner: Runner | None = None
-        self.sources: dict[str, pipeline.Source] = {}
+        self.sources: dict[str, workflow.Source] = {}
         self.qemus: dict[str, build.BuildResult] = {}
         self.qemu_failed: dict[str, Exception] = {}   # a compile error is not retried per target
         self.guests: dict[str, tuple[build.BuildResult, build.BuildResult]] = {}
@@ -222,9 +222,9 @@ class _Nightly:
 
     # rebase -----------------------------------------------------------------------
 
-    def source(self, release: str) -> pipeline.Source:
+    def source(self, release: str) -> workflow.Source:
         if release not in self.sources:
-            self.sources[release] = pipeline.carry_source(self.cfg, release, "nightly")
+            self.sources[release] = workflow.carry_source(self.cfg, release, "nightly")
         return self.sources[release]
 
     def rebase(self, ctx: StageContext) -> None:
@@ -284,14 +284,14 @@ class _Nightly:
                 raise
         return self.qemus[release]
 
-    def _build_qemu(self, release: str, src: pipeline.Source) -> build.BuildResult:
+    def _build_qemu(self, release: str, src: workflow.Source) -> build.BuildResult:
         return build.build_qemu(
             src.worktree.path, self.cache / release / "qemu", release=release,
             repacked=src.release.provenance.repacked, runner=self.runner(),
             project_root=self.cfg.root, patches=self.cfg.patches_dir,
             options=build.QemuBuildOptions(ccache_dir=self.cfg.cache_dir / "ccache-host",
                                            extra_targets=(qt.QTEST_TARGET,)),
-            progress=_SayProgress(self.say, f"  {release} qemu"), source_id=src.tree_id)
+            progress=LineProgress(self.say, f"  {release} qemu"), source_id=src.tree_id)
 
     def guest_builds(self, kernel: str) -> tuple[build.BuildResult, build.BuildResult]:
         if kernel not in self.guests:
@@ -424,7 +424,7 @@ class _Nightly:
             options=fz.sanitizer_options(build.QemuBuildOptions(
                 ccache_dir=self.cfg.cache_dir / "ccache-host",
                 extra_targets=(qt.QTEST_TARGET,)), src.worktree.path),
-            progress=_SayProgress(self.say, f"  {release} qemu (ASan+UBSan)"),
+            progress=LineProgress(self.say, f"  {release} qemu (ASan+UBSan)"),
             source_id=src.tree_id)
         ctx.link("provenance", asan.build_json)
         try:
@@ -463,26 +463,6 @@ class _Nightly:
 
     def _quiet(self, ctx: StageContext) -> Say:
         return lambda msg: self.say(f"  {ctx.target.name} {ctx.stage}: {msg}")
-
-
-class _SayProgress(NullProgress):
-    """A build's stages and every quarter of ninja's steps, as progress lines."""
-
-    def __init__(self, say: Say, prefix: str):
-        self.say, self.prefix, self.quarter = say, prefix, -1
-
-    def stage(self, name: str) -> None:
-        self.quarter = -1
-        self.say(f"{self.prefix}: {name}")
-
-    def line(self, text: str) -> None:
-        from qemupatch.progress import NINJA_STEP_RE
-
-        if m := NINJA_STEP_RE.match(text):
-            done, total = int(m.group(1)), int(m.group(2))
-            if (q := done * 4 // max(total, 1)) > self.quarter:
-                self.quarter = q
-                self.say(f"{self.prefix}: {done}/{total}")
 
 
 # -- the run ---------------------------------------------------------------------------

@@ -67,7 +67,7 @@ from qemupatch import build, carry, workflow
 from qemupatch import report as rpt
 from qemupatch.config import Config
 from qemupatch.errors import CompileFailed, UserError
-from qemupatch.progress import NullProgress
+from qemupatch.progress import LineProgress
 from qemupatch.records import FAIL, PASS, Case, utc_now, write_json, write_junit
 from qemupatch.run import git
 from qemupatch.runner import Runner
@@ -227,26 +227,6 @@ def qtest_targets(repo: Path, base: str, commit: str) -> tuple[str, ...]:
 # -- the builds ---------------------------------------------------------------------
 
 
-class _StepProgress(NullProgress):
-    """A step's build stages and every quarter of ninja's steps, as lines."""
-
-    def __init__(self, say: Say, prefix: str):
-        self.say, self.prefix, self.quarter = say, prefix, -1
-
-    def stage(self, name: str) -> None:
-        self.quarter = -1
-        self.say(f"{self.prefix}: {name}")
-
-    def line(self, text: str) -> None:
-        from qemupatch.progress import NINJA_STEP_RE
-
-        if m := NINJA_STEP_RE.match(text):
-            done, total = int(m.group(1)), int(m.group(2))
-            if (q := done * 4 // max(total, 1)) > self.quarter:
-                self.quarter = q
-                self.say(f"{self.prefix}: {done}/{total}")
-
-
 def build_each_patch(cfg: Config, release: str, out_dir: Path, *, runner: Runner,
                      say: Say = print,
                      options: build.QemuBuildOptions | None = None) -> PatchBuilds:
@@ -325,7 +305,7 @@ def _build_step(cfg: Config, rel: Release, step: Step, total: int, src: WorkTree
         build.build_qemu(src.path, qemu_out, release=rel.name,
                          repacked=rel.provenance.repacked, runner=runner,
                          project_root=cfg.root, options=options, patches=cfg.patches_dir,
-                         progress=_StepProgress(say, prefix), source_id=tree)
+                         progress=LineProgress(say, prefix), source_id=tree)
     except CompileFailed as exc:
         excerpt = _first_errors(str(exc))
     seconds = round(time.monotonic() - clock, 1)

@@ -20,17 +20,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from qemupatch import boottest, build, carry, guest, workflow
-from qemupatch import report as rpt
+from qemupatch import boottest, build, guest, workflow
 from qemupatch.config import Config
-from qemupatch.errors import CheckFailed, QemupatchError, Terminated
-from qemupatch.rebase import range_diff
+from qemupatch.errors import QemupatchError, Terminated
 from qemupatch.records import FAIL, PASS, Case, utc_now, write_json, write_junit
-from qemupatch.run import git
 from qemupatch.runner import Runner
-from qemupatch.series import export_series, read_series
-from qemupatch.upstream import Release, add_release
-from qemupatch.worktree import WorkTree
+from qemupatch.series import read_series
 
 SCHEMA = 1
 STAGES = ("upstream+series", "build-qemu", "build-guest", "guest-image", "boot-test")
@@ -121,68 +116,6 @@ class _Recorder:
                     error=str(exc) if exc is not None else None)
 
 
-@dataclass(frozen=True)
-class Source:
-    """The series on one release, ready to build, and how it got there."""
-
-    release: Release
-    worktree: WorkTree
-    stack: carry.Stack
-    report: rpt.RebaseReport     # per patch: outcome, resolutions replayed, range-diff
-    tree_id: str                 # git tree of the build tree: the source's identity
-
-
-def carry_source(cfg: Config, name: str, owner: str = "pipeline") -> Source:
-    """:func:`workflow.build_source` (the same checks; with the default
-    ``owner`` the same private trees) that also keeps what carrying the
-    series did to each patch, as a rebase report: the nightly's rebase
-    stage shows which recorded resolutions and list insertions were
-    replayed.  ``owner``: whose trees (``<cache>/<owner>/<name>/apply``
-    and ``src``, their own branches), so that a nightly and a pipeline
-    never reset each other's build tree.  Imports the release (and the
-    series' base) first if needed."""
-    series = read_series(cfg.patches_dir)
-    m = workflow.mirror(cfg)
-    rel = m.find(name) or add_release(cfg, m, name)
-    base_commit = None
-    if carry.is_carried(series, name):
-        assert series.base is not None
-        base_commit = (m.find(series.base) or add_release(cfg, m, series.base)).commit
-    started = utc_now()
-    staging = WorkTree(cfg.mirror_dir, cfg.cache_dir / owner / name / "apply",
-                       f"qemupatch-{owner}-apply/{name}")
-    staging.reset_to(rel.commit, allow_dirty=True)
-    stack = carry.apply_stack(staging, series, cfg.patches_dir, name, base_commit)
-    if not carry.is_carried(series, name):
-        again = export_series(staging, name, rel.commit, series)
-        if [p.text for p in again.patches] != [p.text for p in series.patches]:
-            raise CheckFailed("apply -> export is not byte-identical to patches/ "
-                              "(run qemupatch export, or qemupatch check for details)")
-    wt = WorkTree(cfg.mirror_dir, cfg.cache_dir / owner / name / "src",
-                  f"qemupatch-{owner}/{name}")
-    wt.reset_to(staging.head(), allow_dirty=True)
-    tree_id = git(wt.path, "rev-parse", "HEAD^{tree}").stdout.strip()
-    old = rpt.BaseRef(series.base or name, base_commit or rel.commit)
-    outcomes = []
-    for i, patch in enumerate(series.patches):
-        step = stack.carried[i] if stack.carried else None
-        outcomes.append(rpt.PatchOutcome(
-            index=i + 1, name=patch.name, subject=patch.subject,
-            outcome=step.outcome if step else rpt.CLEAN, files=tuple(patch.files),
-            detail=step.detail if step else "applied as is (the series' own base)",
-            range_diff=range_diff(patch, step.new_text) if step and step.new_text else "",
-            resolutions=tuple(rpt.Resolution(**{**r, "lines": tuple(r["lines"])})
-                              for r in (step.resolutions if step else ()))))
-    for j, fix in enumerate(stack.fixups.patches):
-        outcomes.append(rpt.PatchOutcome(
-            index=len(series.patches) + j + 1, name=fix.name, subject=fix.subject,
-            outcome=rpt.CLEAN, files=tuple(fix.files),
-            detail=f"{name}'s fix-up ({carry.fixups_dir(cfg.patches_dir, name).relative_to(cfg.root)})"))
-    report = rpt.RebaseReport(old_base=old, new_base=rpt.BaseRef(rel.name, rel.commit),
-                              outcomes=tuple(outcomes), status="complete", branch=wt.branch,
-                              worktree=str(wt.path), started=started, finished=utc_now(),
-                              total=len(outcomes))
-    return Source(rel, wt, stack, report, tree_id)
 
 
 def run_pipeline(cfg: Config, out_dir: Path, *, release: str | None = None,
@@ -203,7 +136,7 @@ def run_pipeline(cfg: Config, out_dir: Path, *, release: str | None = None,
     with rec.recording():
 
         def source():
-            src = carry_source(cfg, rel_name)
+            src = workflow.carry_source(cfg, rel_name)
             rel, wt = src.release, src.worktree
             return (rel, wt), {"commit": rel.commit[:12], "source": rel.provenance.origin,
                                "patches": len(src.stack.commits),

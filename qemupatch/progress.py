@@ -35,6 +35,26 @@ class NullProgress:
         pass
 
 
+class LineProgress(NullProgress):
+    """A build's stages and every quarter of ninja's steps, as lines to
+    ``say`` (the nightly and patch-builds, where many builds share one
+    output)."""
+
+    def __init__(self, say: Callable[[str], None], prefix: str):
+        self.say, self.prefix, self.quarter = say, prefix, -1
+
+    def stage(self, name: str) -> None:
+        self.quarter = -1
+        self.say(f"{self.prefix}: {name}")
+
+    def line(self, text: str) -> None:
+        if m := NINJA_STEP_RE.match(text):
+            done, total = int(m.group(1)), int(m.group(2))
+            if (q := done * 4 // max(total, 1)) > self.quarter:
+                self.quarter = q
+                self.say(f"{self.prefix}: {done}/{total}")
+
+
 class TerminalProgress:
     """Stage and percent of ninja steps: a rich bar on a terminal, plain
     lines (one per stage and every 10 %) otherwise, so CI logs stay short."""
