@@ -435,7 +435,7 @@ def _run_fuzz(qemu: Path, out_dir: Path, sockets: Path, *, seed: int, operations
             findings.append(f"QEMU ended: {qemu_exit.describe()}")
         modes = dict(server.modes)
     log = machine.log_path.read_text(errors="replace")
-    findings += _reports(log)
+    findings += sanitizer_reports(log)
     result = FuzzResult(seed, done, round(elapsed, 2), tuple(findings), dict(counts),
                         modes, out_dir)
     write_json(out_dir / "fuzz.json", {
@@ -446,7 +446,7 @@ def _run_fuzz(qemu: Path, out_dir: Path, sockets: Path, *, seed: int, operations
     return result
 
 
-def _reports(log: str) -> list[str]:
+def sanitizer_reports(log: str) -> list[str]:
     """Each sanitizer or assertion report in QEMU's output, with context."""
     lines = log.splitlines()
     return ["\n".join(lines[max(0, i - 2):i + 12]) for i, line in enumerate(lines)

@@ -163,6 +163,18 @@ def run_stage(name: str, fn: StageFn, ctx_for: Callable[[], StageContext], *,
                        dict(ctx.links))
 
 
+def _run_qtest(ctx: StageContext, binary: Path, qemu: Path, out_dir: Path, *,
+               env: dict[str, str] | None = None) -> qt.QtestResult:
+    """:func:`qtest.run_qtest`; when tests fail, their names and the log's
+    tail become the stage's excerpt."""
+    try:
+        return qt.run_qtest(binary, qemu, out_dir, env=env)
+    except Failed as exc:
+        if (res := getattr(exc, "result", None)) is not None:
+            ctx.excerpt = _excerpt("\n".join(res.failures) + "\n" + _tail(res.log_path))
+        raise
+
+
 def _excerpt(text: str, count: int = EXCERPT_LINES) -> str:
     lines = text.strip("\n").splitlines()
     return "\n".join(lines[:count] + ([f"... ({len(lines) - count} more lines)"]
@@ -396,12 +408,7 @@ class _Nightly:
         q = self.qemu(ctx.target.release)
         binary = q.out_dir / Path(qt.QTEST_TARGET).name
         try:
-            res = qt.run_qtest(binary, q.binary, ctx.dir)
-        except Failed as exc:
-            res = getattr(exc, "result", None)
-            if res is not None:
-                ctx.excerpt = _excerpt("\n".join(res.failures) + "\n" + _tail(res.log_path))
-            raise
+            res = _run_qtest(ctx, binary, q.binary, ctx.dir)
         finally:
             ctx.link("tap", ctx.dir / qt.TAP_NAME)
             ctx.link("log", ctx.dir / qt.LOG_NAME)
@@ -428,16 +435,12 @@ class _Nightly:
             source_id=src.tree_id)
         ctx.link("provenance", asan.build_json)
         try:
-            res = qt.run_qtest(asan.out_dir / Path(qt.QTEST_TARGET).name, asan.binary,
-                               ctx.dir / "qtest", env=fz.SANITIZER_ENV)
-        except Failed as exc:
-            failed = getattr(exc, "result", None)
-            if failed is not None:
-                ctx.excerpt = _excerpt("\n".join(failed.failures) + "\n" + _tail(failed.log_path))
-            raise
+            res = _run_qtest(ctx, asan.out_dir / Path(qt.QTEST_TARGET).name, asan.binary,
+                             ctx.dir / "qtest", env=fz.SANITIZER_ENV)
         finally:
             ctx.link("qtest log", ctx.dir / "qtest" / qt.LOG_NAME)
-        if reports := fz._reports((ctx.dir / "qtest" / qt.LOG_NAME).read_text(errors="replace")):
+        qtest_log = (ctx.dir / "qtest" / qt.LOG_NAME).read_text(errors="replace")
+        if reports := fz.sanitizer_reports(qtest_log):
             ctx.excerpt = _excerpt("\n\n".join(reports))
             raise Failed(f"sanitizer report during the qtest under ASan+UBSan: "
                          f"{reports[0].splitlines()[0][:160]}")

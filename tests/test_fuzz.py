@@ -16,11 +16,11 @@ def test_sanitizer_and_assertion_reports_are_found_with_context():
         "../hw/misc/vmsocket.c:200:9: runtime error: shift exponent 40 is too large",
         "qemu-system-x86_64: ../hw/misc/vmsocket.c:99: vmsocket_reset: Assertion `s' failed.",
     ])
-    reports = fuzz._reports(log)
+    reports = fuzz.sanitizer_reports(log)
     assert len(reports) == 3
     assert "vmsocket_mmio_write" in reports[0]
     assert "shift exponent" in reports[1]
-    assert fuzz._reports("qemu-system-x86_64: warning: ASan doesn't fully support") == []
+    assert fuzz.sanitizer_reports("qemu-system-x86_64: warning: ASan doesn't fully support") == []
 
 
 def _connect(path):

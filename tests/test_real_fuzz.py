@@ -41,7 +41,7 @@ def test_series_qtest_passes_under_asan_and_ubsan(tmp_path):
                               **fuzz.SANITIZER_ENV})
     print(res.stdout[-3000:], res.stderr[-3000:])
     assert res.returncode == 0
-    assert fuzz._reports(res.stdout + res.stderr) == []
+    assert fuzz.sanitizer_reports(res.stdout + res.stderr) == []
     oks = [line for line in res.stdout.splitlines() if line.startswith("ok ")]
     assert len(oks) >= 9 and "not ok" not in res.stdout
 
