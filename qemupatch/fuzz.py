@@ -42,7 +42,9 @@ from qemupatch.config import Config
 from qemupatch.errors import Failed, QemuStartError
 from qemupatch.machine import QemuMachine
 from qemupatch.records import write_json
+from qemupatch.progress import Progress
 from qemupatch.runner import Runner
+from qemupatch.series import read_series
 
 # Sanitized QEMU: ASan and UBSan, the rest as the normal build.
 SANITIZER_ARGS = ("--enable-asan", "--enable-ubsan")
@@ -480,20 +482,29 @@ def _unplug(machine: QemuMachine, dev: _Device, device: str) -> str:
     return "unplug + replug"
 
 
-def build_sanitized_qemu(cfg: Config, release: str | None = None, *, runner: Runner,
-                         out_dir: Path | None = None,
-                         base: QemuBuildOptions | None = None) -> BuildResult:
-    """The patched QEMU of ``release`` (default: the series' base) built
-    with ASan and UBSan, and the series' qtest beside it, in
-    ``<cache>/sanitized/<release>`` (the build folder persists there, and
-    ccache is shared with the normal builds: only the flags differ)."""
-    rel, wt, _ = workflow.build_source(cfg, release)
-    out_dir = out_dir or cfg.cache_dir / "sanitized" / rel.name
-    base = base or QemuBuildOptions(ccache_dir=cfg.cache_dir / "ccache-host")
-    options = sanitizer_options(replace(base, extra_targets=(QTEST_TARGET,)), wt.path)
-    return build_qemu(wt.path, out_dir, release=rel.name, repacked=rel.provenance.repacked,
-                      runner=runner, project_root=cfg.root, patches=cfg.patches_dir,
-                      options=options)
+def build_sanitized(cfg: Config, src: workflow.Source, out_dir: Path, *, runner: Runner,
+                    progress: Progress | None = None) -> BuildResult:
+    """The series carried onto a release (``src``) built with ASan and
+    UBSan, and the series' qtest beside it, in ``out_dir`` (the build folder
+    persists there and is reused while the source tree is the same; ccache
+    is shared with the normal builds: only the flags differ)."""
+    options = sanitizer_options(QemuBuildOptions(ccache_dir=cfg.cache_dir / "ccache-host",
+                                                 extra_targets=(QTEST_TARGET,)),
+                                src.worktree.path)
+    return build_qemu(src.worktree.path, out_dir, release=src.release.name,
+                      repacked=src.release.provenance.repacked, runner=runner,
+                      project_root=cfg.root, patches=cfg.patches_dir, options=options,
+                      progress=progress, source_id=src.tree_id)
+
+
+def build_sanitized_qemu(cfg: Config, release: str | None = None, *,
+                         runner: Runner) -> BuildResult:
+    """:func:`build_sanitized` for ``release`` (default: the series' base),
+    in ``<cache>/sanitized/<release>``."""
+    series = read_series(cfg.patches_dir)
+    src = workflow.carry_source(cfg, workflow.series_base(cfg, series, release))
+    return build_sanitized(cfg, src, cfg.cache_dir / "sanitized" / src.release.name,
+                           runner=runner)
 
 
 def run_seeds(qemu: Path, out_dir: Path, *, first_seed: int | None = None, seeds: int = 1,

@@ -424,15 +424,9 @@ class _Nightly:
         build of this release (its own build folder; ccache shared)."""
         release = ctx.target.release
         src = self.source(release)
-        asan = build.build_qemu(
-            src.worktree.path, self.cache / release / "qemu-asan", release=release,
-            repacked=src.release.provenance.repacked, runner=self.runner(),
-            project_root=self.cfg.root, patches=self.cfg.patches_dir,
-            options=fz.sanitizer_options(build.QemuBuildOptions(
-                ccache_dir=self.cfg.cache_dir / "ccache-host",
-                extra_targets=(qt.QTEST_TARGET,)), src.worktree.path),
-            progress=LineProgress(self.say, f"  {release} qemu (ASan+UBSan)"),
-            source_id=src.tree_id)
+        asan = fz.build_sanitized(
+            self.cfg, src, self.cache / release / "qemu-asan", runner=self.runner(),
+            progress=LineProgress(self.say, f"  {release} qemu (ASan+UBSan)"))
         ctx.link("provenance", asan.build_json)
         try:
             res = _run_qtest(ctx, asan.out_dir / Path(qt.QTEST_TARGET).name, asan.binary,
