@@ -424,7 +424,9 @@ def _run_fuzz(qemu: Path, out_dir: Path, sockets: Path, *, seed: int, operations
                     rate = done / (last_say - start)
                     say(f"fuzz seed {seed}: {done} operations, {rate:.0f}/s")
         except (FuzzHang, ConnectionError, OSError) as exc:
-            rc = machine.poll()
+            # A dying QEMU (ASan printing its report) drops the socket before
+            # it exits: give it a moment so the finding names the exit.
+            rc = machine.wait(0 if isinstance(exc, FuzzHang) else 10)
             findings.append(f"after operation {done}: "
                             + (f"QEMU exited with status {rc}" if rc is not None
                                else f"{type(exc).__name__}: {exc}"))
