@@ -36,6 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from qemu.qmp import QMPError
+
 from qemupatch import workflow
 from qemupatch.build import BuildResult, QemuBuildOptions, build_qemu
 from qemupatch.config import Config
@@ -423,7 +425,7 @@ def _run_fuzz(qemu: Path, out_dir: Path, sockets: Path, *, seed: int, operations
                     last_say = time.monotonic()
                     rate = done / (last_say - start)
                     say(f"fuzz seed {seed}: {done} operations, {rate:.0f}/s")
-        except (FuzzHang, ConnectionError, OSError) as exc:
+        except (FuzzHang, ConnectionError, OSError, QMPError) as exc:
             # A dying QEMU (ASan printing its report) drops the socket before
             # it exits: give it a moment so the finding names the exit.
             rc = machine.wait(0 if isinstance(exc, FuzzHang) else 10)

@@ -223,7 +223,7 @@ class QemuMachine:
             raise
         except TimeoutError:
             self._note("error", f"no answer within {timeout} s")
-            raise
+            raise TimeoutError(f"no answer to QMP '{cmd}' within {timeout} s") from None
         self._note("return", ret)
         return ret
 
