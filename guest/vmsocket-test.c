@@ -13,8 +13,13 @@
  *   vmsocket-test signal DEV       (an echo server at DEV's host end)
  *     VMSOCKET-TEST signal-interrupts-read PASS|FAIL key=value...
  *   vmsocket-test bench CHANNEL ECHO_DEV SINK_DEV SOURCE_DEV
- *   vmsocket-test driver ECHO SILENT HANGUP STALL FOREIGN ECHO2 [TEST...]
- *     (the driver's review tests; see docs/vmsocket-driver.md)
+ *   vmsocket-test driver ECHO SILENT HANGUP STALL FOREIGN ECHO2
+ *                        LIE_CONN600 LIE_CONN512 LIE_CONNPOS LIE_WRITE0
+ *                        LIE_READ513 [TEST...]
+ *     (the driver's review and stream-mode tests; see
+ *     docs/vmsocket-driver.md. With the driver's parameter stream=0 the
+ *     test names end in "@v1". VMSOCKET-HOST-DROP <i> asks the host to
+ *     drop device <i>'s connection.)
  *     VMSOCKET-TEST <name> PASS|FAIL key=value...
  *     VMSOCKET-TEST-DONE pass=<n> fail=<m>
  *     VMSOCKET-BENCH <channel> <g2h|h2g> size=<n> bytes=<total> seconds=<s> mbps=<MB/s>
@@ -209,6 +214,7 @@ static const char *echo_err(int r)
 }
 
 static int npass, nfail;
+static const char *name_suffix = "";	/* "@v1": the driver runs stream=0 */
 
 static void result(const char *name, int ok, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
@@ -217,7 +223,7 @@ static void result(const char *name, int ok, const char *fmt, ...)
 {
 	va_list ap;
 
-	printf("VMSOCKET-TEST %s %s", name, ok ? "PASS" : "FAIL");
+	printf("VMSOCKET-TEST %s%s %s", name, name_suffix, ok ? "PASS" : "FAIL");
 	if (fmt && *fmt) {
 		putchar(' ');
 		va_start(ap, fmt);
@@ -741,18 +747,21 @@ static void test_poll_wakeup(const char *echo)
 static void test_nonblock_read(const char *silent)
 {
 	char buf[256];
-	int fd, tries, got = 0, eagain_first = 0;
+	int fd, tries, got = 0, eagain_first = 0, first_errno = 0;
+	ssize_t r, first = 0;
 	double t0;
-	ssize_t r;
 
 	fd = open(silent, O_RDWR | O_NONBLOCK);
 	if (fd < 0) {
 		result("nonblock-read-collects", 0, "err=open:%s", errname(errno));
 		return;
 	}
-	for (tries = 0; tries < 10 && !eagain_first; tries++) {
+	/* The answer may beat the read() (a busy host): try again, bounded. */
+	for (tries = 0; tries < 50 && !eagain_first; tries++) {
 		put_le64_req(fd, 100);		/* the source answers 100 bytes */
 		r = read(fd, buf, sizeof(buf));
+		first = r;
+		first_errno = r < 0 ? errno : 0;
 		if (r < 0 && errno == EAGAIN) {
 			eagain_first = 1;
 			break;
@@ -778,8 +787,9 @@ static void test_nonblock_read(const char *silent)
 	}
 	close(fd);
 	result("nonblock-read-collects", eagain_first && got == 100,
-	       "first_read_eagain=%d bytes=%d of=100 tries=%d", eagain_first,
-	       got, tries + 1);
+	       "first_read_eagain=%d bytes=%d of=100 tries=%d last_first_read=%zd errno=%s",
+	       eagain_first, got, tries + 1, first,
+	       first < 0 ? errname(first_errno) : "none");
 }
 
 /* (4a) poll() for POLLOUT only must not start a READ (STATUS via BAR0). */
@@ -867,6 +877,7 @@ static void test_poll_eof(const char *hangup)
 	int fd, ret, e = 0;
 	char buf[16];
 	ssize_t r, w;
+	double t0;
 
 	fd = open(hangup, O_RDWR);
 	if (fd < 0) {
@@ -878,7 +889,13 @@ static void test_poll_eof(const char *hangup)
 	ret = poll(&pfd, 1, 3000);
 	ev_eof = pfd.revents;
 	r = read(fd, buf, sizeof(buf));
-	w = write(fd, "x", 1);
+	/*
+	 * v1 sends at once and fails. Stream mode queues the byte in the
+	 * output ring (write() returns 1) and the device's send fails after:
+	 * the next write() reports it, like a socket's.
+	 */
+	for (t0 = now(); (w = write(fd, "x", 1)) == 1 && now() - t0 < 3;)
+		usleep(10000);
 	if (w < 0)
 		e = errno;
 	pfd.events = POLLIN | POLLOUT | POLLRDHUP;
@@ -1156,6 +1173,392 @@ static void test_cancel_timeout(const char *foreign)
 	       out[1] ? errname(out[1]) : "ok", out[2]);
 }
 
+/* ---- stream mode (ABI v2) tests --------------------------------------- */
+
+/* The driver's "stream" parameter: 1, 0, or -1 if unreadable. */
+static int stream_param(void)
+{
+	int fd = open("/sys/module/kvm_vmsocket/parameters/stream", O_RDONLY);
+	char c = 0;
+
+	if (fd < 0)
+		return -1;
+	if (read(fd, &c, 1) != 1)
+		c = 0;
+	close(fd);
+	return c == 'Y' ? 1 : c == 'N' ? 0 : -1;
+}
+
+static int set_stream_param(int on)
+{
+	return sysfs_write("/sys/module/kvm_vmsocket/parameters/stream",
+			   on ? "1" : "0");
+}
+
+/*
+ * Whether this open()'s connection runs in stream mode: the device has
+ * FEATURES.STREAM (BAR0 0x14, read through sysfs) and the driver's
+ * parameter "stream" is on (both are read at open()).
+ */
+static int stream_mode(const char *dev)
+{
+	volatile uint32_t *regs = map_regs(dev);
+	int features;
+
+	if (!regs)
+		return -1;
+	features = regs[0x14 / 4] & 1;
+	munmap((void *)regs, 4096);
+	return features && stream_param() == 1;
+}
+
+struct blocked_reader {
+	int fd;
+	ssize_t ret;
+	int err;
+	double returned_at;
+};
+
+static void *blocked_reader_thread(void *arg)
+{
+	struct blocked_reader *b = arg;
+	char buf[64];
+
+	b->ret = read(b->fd, buf, sizeof(buf));	/* silent peer: blocks */
+	b->err = errno;
+	b->returned_at = now();
+	return NULL;
+}
+
+struct killer {
+	pthread_t target;
+	volatile int cancel;
+	volatile double fired_after;
+};
+
+/* After 2 s, unless cancelled, interrupt the blocked reader (SIGALRM). */
+static void *killer_thread(void *arg)
+{
+	struct killer *k = arg;
+	double t0 = now();
+
+	while (now() - t0 < 2.0) {
+		if (k->cancel)
+			return NULL;
+		usleep(10000);
+	}
+	k->fired_after = now() - t0;
+	pthread_kill(k->target, SIGALRM);
+	return NULL;
+}
+
+/*
+ * (v2) Full duplex: a thread blocked in read() on a silent peer must not
+ * delay another thread's write() on the same file. Ten 8-byte writes (a
+ * source request of 0 bytes: the peer stays silent) while the reader
+ * waits. In v1 the device is half-duplex and the driver serialises the
+ * actions: the first write waits until the read gives up (a signal at
+ * 2 s), so the same test shows the delay there ("PASS" means "as the
+ * mode promises").
+ */
+static void test_full_duplex(const char *silent)
+{
+	struct blocked_reader b = { .ret = 1 };
+	struct killer k = { .fired_after = 0 };
+	double t0, worst = 0;
+	pthread_t th, kt;
+	int fd, i, mode, errs = 0, still_blocked;
+
+	mode = stream_mode(silent);
+	fd = open(silent, O_RDWR);
+	if (fd < 0 || mode < 0) {
+		result("full-duplex-write-while-read-blocked", 0, "err=open:%s",
+		       errname(errno));
+		if (fd >= 0)
+			close(fd);
+		return;
+	}
+	b.fd = fd;
+	pthread_create(&th, NULL, blocked_reader_thread, &b);
+	usleep(300000);			/* let the reader block in read() */
+	k.target = th;
+	pthread_create(&kt, NULL, killer_thread, &k);
+	for (i = 0; i < 10; i++) {
+		t0 = now();
+		if (write_all(fd, "\0\0\0\0\0\0\0\0", 8))
+			errs++;
+		if (now() - t0 > worst)
+			worst = now() - t0;
+	}
+	k.cancel = 1;
+	pthread_join(kt, NULL);
+	still_blocked = b.ret == 1;
+	if (still_blocked)
+		pthread_kill(th, SIGALRM);
+	pthread_join(th, NULL);
+	close(fd);
+	if (mode)
+		result("full-duplex-write-while-read-blocked",
+		       !errs && still_blocked && worst < 0.25,
+		       "mode=stream writes=10 worst_write_seconds=%.6f reader_blocked_meanwhile=%d errors=%d",
+		       worst, still_blocked, errs);
+	else
+		result("full-duplex-write-while-read-blocked",
+		       !errs && worst >= 1.5 && k.fired_after > 0,
+		       "mode=v1 writes=10 worst_write_seconds=%.6f half_duplex_delay=%d read_interrupted_after=%.3f errors=%d",
+		       worst, worst >= 1.5, k.fired_after, errs);
+}
+
+struct integrity {
+	int fd;
+	const unsigned char *data;
+	size_t total;
+	int err;
+};
+
+/* Odd sizes: every write and read crosses the ring's wrap sooner or later. */
+static const size_t odd_writes[] = { 1, 4093, 65537, 333331, 7, 1048573,
+				     12345, 999, 262147, 3 };
+static const size_t odd_reads[] = { 3, 1021, 65521, 777777, 1, 131071, 4099 };
+
+static void *integrity_writer(void *arg)
+{
+	struct integrity *w = arg;
+	size_t off = 0, n;
+	int i = 0;
+
+	while (off < w->total) {
+		n = odd_writes[i++ % ARRAY_SIZE(odd_writes)];
+		if (n > w->total - off)
+			n = w->total - off;
+		w->err = write_all(w->fd, w->data + off, n);
+		if (w->err)
+			break;
+		off += n;
+	}
+	return NULL;
+}
+
+/*
+ * (v2) Data integrity through the echo peer, both ways at once: one thread
+ * writes 6 MiB + 5 bytes in odd sizes (the rings are 1 MiB: they wrap many
+ * times) while this one reads with other odd sizes and compares. v1 cannot
+ * run a blocking read and write at once (half-duplex): there, each odd
+ * write is echoed back before the next.
+ */
+static void test_stream_integrity(const char *echo)
+{
+	size_t total = (6u << 20) + 5, got = 0, n, mism = ~(size_t)0;
+	struct integrity w = { .total = total };
+	unsigned char *data = malloc(total), *back = malloc(total);
+	int fd, mode, i = 0, rerr = 0;
+	double t0 = now();
+	pthread_t th;
+	ssize_t r;
+
+	mode = stream_mode(echo);
+	fd = open(echo, O_RDWR);
+	if (fd < 0 || !data || !back || mode < 0) {
+		result("stream-integrity-odd-sizes", 0, "err=open:%s",
+		       errname(errno));
+		if (fd >= 0)
+			close(fd);
+		free(data);
+		free(back);
+		return;
+	}
+	fill_random(data, total);
+	w.fd = fd;
+	w.data = data;
+	if (mode) {
+		pthread_create(&th, NULL, integrity_writer, &w);
+		while (got < total) {
+			n = odd_reads[i++ % ARRAY_SIZE(odd_reads)];
+			if (n > total - got)
+				n = total - got;
+			r = read(fd, back + got, n);
+			if (r <= 0) {
+				rerr = r < 0 ? errno : EPIPE;
+				break;
+			}
+			got += r;
+		}
+		pthread_join(th, NULL);
+	} else {
+		size_t off = 0;
+
+		while (off < total && !rerr && !w.err) {
+			n = odd_writes[i++ % ARRAY_SIZE(odd_writes)];
+			if (n > total - off)
+				n = total - off;
+			w.err = write_all(fd, data + off, n);
+			if (!w.err)
+				rerr = -read_exact(fd, back + off, n, n);
+			off += n;
+		}
+		got = rerr || w.err ? 0 : off;
+	}
+	close(fd);
+	for (n = 0; n < got; n++) {
+		if (data[n] != back[n]) {
+			mism = n;
+			break;
+		}
+	}
+	result("stream-integrity-odd-sizes",
+	       got == total && !w.err && !rerr && mism == ~(size_t)0,
+	       "mode=%s bytes=%zu of=%zu write_err=%s read_err=%s first_mismatch=%zd seconds=%.3f fnv=%016" PRIx64,
+	       mode ? "stream" : "v1", got, total,
+	       w.err ? errname(-w.err) : "none", rerr ? errname(rerr) : "none",
+	       mism == ~(size_t)0 ? (ssize_t)-1 : (ssize_t)mism, now() - t0,
+	       fnv1a(0xcbf29ce484222325ULL, data, total));
+	free(data);
+	free(back);
+}
+
+/*
+ * (v2) The host drops the connection (QOM connected=false, asked for on
+ * the console: the harness watches for VMSOCKET-HOST-DROP <device index>):
+ * a blocked read() returns ECONNRESET, so does write(), poll() says
+ * POLLHUP|POLLERR, and a new open() works.
+ */
+static void test_host_drop(const char *echo, int index)
+{
+	char back[sizeof(hello)], buf[64];
+	struct pollfd pfd;
+	int fd, r0, e_read = 0, e_write = 0, fd2, r2 = -1, mode;
+	double t0, t_read;
+	ssize_t r, w;
+
+	mode = stream_mode(echo);
+	fd = open(echo, O_RDWR);
+	if (fd < 0) {
+		result("host-drop-econnreset", 0, "err=open:%s", errname(errno));
+		return;
+	}
+	r0 = echo_once(fd, hello, sizeof(hello) - 1, back);
+	printf("VMSOCKET-HOST-DROP %d\n", index);
+	fflush(stdout);
+	t0 = now();
+	alarm(20);
+	r = read(fd, buf, sizeof(buf));
+	if (r < 0)
+		e_read = errno;
+	alarm(0);
+	t_read = now() - t0;
+	w = write(fd, hello, sizeof(hello) - 1);
+	if (w < 0)
+		e_write = errno;
+	pfd.fd = fd;
+	pfd.events = POLLIN | POLLOUT;
+	pfd.revents = 0;
+	poll(&pfd, 1, 0);
+	close(fd);
+	fd2 = open(echo, O_RDWR);
+	if (fd2 >= 0) {
+		r2 = echo_once(fd2, hello, sizeof(hello) - 1, back);
+		close(fd2);
+	}
+	result("host-drop-econnreset",
+	       !r0 && r < 0 && e_read == ECONNRESET && w < 0 &&
+	       e_write == ECONNRESET && (pfd.revents & POLLHUP) &&
+	       (!mode || (pfd.revents & POLLERR)) && fd2 >= 0 && !r2,
+	       "mode=%s read=%zd errno=%s read_seconds=%.3f write_errno=%s revents=%#x reopen=%s",
+	       mode ? "stream" : "v1", r, r < 0 ? errname(e_read) : "none",
+	       t_read, w < 0 ? errname(e_write) : "none", pfd.revents,
+	       fd2 < 0 ? errname(errno) : r2 ? echo_err(r2) : "ok");
+}
+
+/*
+ * (5) The device lies about STATUS (x-lie-action/x-lie-status): open()
+ * must fail with EIO for a CONNECT status below -4095 (-600), a kernel-
+ * internal code (-512) and a positive one, in a child with a deadline.
+ */
+static void test_lie_connect(const char *name, const char *dev)
+{
+	int res[2], e = 0, st, done;
+	pid_t pid;
+	double t0 = now();
+
+	if (pipe(res)) {
+		result(name, 0, "err=pipe");
+		return;
+	}
+	pid = fork();
+	if (pid == 0) {
+		int fd = open(dev, O_RDWR);
+
+		e = fd < 0 ? errno : 0;
+		if (fd >= 0)
+			close(fd);
+		if (write(res[1], &e, sizeof(e)) != sizeof(e))
+			_exit(1);
+		_exit(0);
+	}
+	done = wait_for(pid, 10, &st);
+	if (!done || read(res[0], &e, sizeof(e)) != sizeof(e))
+		e = -1;
+	close(res[0]);
+	close(res[1]);
+	result(name, done && e == EIO, "returned=%d open=%s seconds=%.3f",
+	       done, e < 0 ? "none" : e ? errname(e) : "ok", now() - t0);
+}
+
+/*
+ * (5) v1 path (stream=0): a WRITECOMMIT that reports 0 bytes for len > 0
+ * gives EIO (not 0, which made write_all() loop for ever); a READ that
+ * reports -513 (ERESTARTNOINTR) gives EIO, not an endless restart.
+ */
+static void test_lie_v1(const char *name, const char *dev, int is_write)
+{
+	int res[2], out[2] = { -1, -1 }, st, done, was = stream_param();
+	pid_t pid;
+	double t0 = now();
+
+	if (was < 0 || pipe(res) || set_stream_param(0)) {
+		result(name, 0, "err=setup");
+		return;
+	}
+	pid = fork();
+	if (pid == 0) {
+		int fd = open(dev, O_RDWR);
+		char buf[64];
+		ssize_t r;
+
+		out[0] = fd < 0 ? errno : 0;
+		if (fd >= 0) {
+			if (is_write) {
+				r = write(fd, hello, sizeof(hello) - 1);
+			} else {
+				if (write_all(fd, hello, sizeof(hello) - 1))
+					_exit(1);
+				r = read(fd, buf, sizeof(buf));
+			}
+			out[1] = r < 0 ? errno : r == 0 ? 0 : 1000 + (int)r;
+			close(fd);
+		}
+		if (write(res[1], out, sizeof(out)) != sizeof(out))
+			_exit(1);
+		_exit(0);
+	}
+	done = wait_for(pid, 15, &st);
+	set_stream_param(was);
+	if (!done) {
+		kill(pid, SIGKILL);
+		waitpid(pid, NULL, 0);
+	}
+	if (!done || read(res[0], out, sizeof(out)) != sizeof(out))
+		out[0] = out[1] = -1;
+	close(res[0]);
+	close(res[1]);
+	result(name, done && out[0] == 0 && out[1] == EIO,
+	       "returned=%d open=%s %s=%s seconds=%.3f", done,
+	       out[0] < 0 ? "none" : out[0] ? errname(out[0]) : "ok",
+	       is_write ? "write" : "read",
+	       out[1] < 0 ? "none" : out[1] >= 1000 ? "bytes" :
+	       out[1] ? errname(out[1]) : "0", now() - t0);
+}
+
 static char **only;
 
 /* With test names after the devices, run only those. */
@@ -1179,7 +1582,25 @@ static int cmd_driver(char **dev)
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_handler = on_alarm;	/* no SA_RESTART */
 	sigaction(SIGALRM, &sa, NULL);
-	only = dev + 6;
+	only = dev + 11;
+	if (stream_param() == 0)
+		name_suffix = "@v1";
+	if (want("full-duplex-write-while-read-blocked"))
+		test_full_duplex(dev[1]);
+	if (want("stream-integrity-odd-sizes"))
+		test_stream_integrity(dev[0]);
+	if (want("host-drop-econnreset"))
+		test_host_drop(dev[0], 0);
+	if (want("lie-connect-below-max-errno"))
+		test_lie_connect("lie-connect-below-max-errno", dev[6]);
+	if (want("lie-connect-kernel-internal"))
+		test_lie_connect("lie-connect-kernel-internal", dev[7]);
+	if (want("lie-connect-positive"))
+		test_lie_connect("lie-connect-positive", dev[8]);
+	if (want("lie-writecommit-zero"))
+		test_lie_v1("lie-writecommit-zero", dev[9], 1);
+	if (want("lie-read-kernel-internal"))
+		test_lie_v1("lie-read-kernel-internal", dev[10], 0);
 	if (want("open-busy-while-read-blocked"))
 		test_open_while_reader_blocked(dev[1]);
 	if (want("poll-wakeup-after-write"))
@@ -1216,7 +1637,9 @@ static int usage(void)
 		"       vmsocket-test refused DEV\n"
 		"       vmsocket-test signal DEV\n"
 		"       vmsocket-test bench CHANNEL ECHO_DEV SINK_DEV SOURCE_DEV\n"
-		"       vmsocket-test driver ECHO SILENT HANGUP STALL FOREIGN ECHO2 [TEST...]\n");
+		"       vmsocket-test driver ECHO SILENT HANGUP STALL FOREIGN ECHO2\n"
+		"                            LIE_CONN600 LIE_CONN512 LIE_CONNPOS LIE_WRITE0\n"
+		"                            LIE_READ513 [TEST...]\n");
 	return 2;
 }
 
@@ -1233,7 +1656,7 @@ int main(int argc, char **argv)
 		return cmd_signal(argv[2]);
 	if (argc == 6 && !strcmp(argv[1], "bench"))
 		return cmd_bench(argv[2], argv[3], argv[4], argv[5]);
-	if (argc >= 8 && !strcmp(argv[1], "driver"))
+	if (argc >= 13 && !strcmp(argv[1], "driver"))
 		return cmd_driver(argv + 2);
 	return usage();
 }

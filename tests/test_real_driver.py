@@ -16,28 +16,47 @@ variables (see guestinputs.py).
 from __future__ import annotations
 
 import gzip
+import re
 import socket
 import time
 from pathlib import Path
 
 import pytest
+from guestinputs import real_image, real_inputs
 
 from qemupatch import console as markers
 from qemupatch.boottest import KERNEL_ARGS
-from qemupatch.console import ConsoleFollower, parse_console, panic_line
+from qemupatch.console import ConsoleFollower, panic_line, parse_console
 from qemupatch.guest import Cpio, GuestImage
 from qemupatch.machine import QemuMachine
 from qemupatch.pvh import direct_kernel
 from qemupatch.servers import ServerSet
-from guestinputs import real_image, real_inputs
 
 # /dev/vmsocketN order (PCI slot order) and each one's host server.
 DEVICES = (("echo", "echo"), ("silent", "source"), ("hangup", "hangup"),
-           ("stall", "source"), ("foreign", "source"), ("echo2", "echo"))
+           ("stall", "source"), ("foreign", "source"), ("echo2", "echo"),
+           ("lie600", "echo"), ("lie512", "echo"), ("liepos", "echo"),
+           ("liewrite0", "echo"), ("lieread513", "echo"))
+# The device's test knob (ABI v2 contract, last section): STATUS lies.
+DEVICE_PROPS = {"lie600": "x-lie-action=connect,x-lie-status=-600",
+                "lie512": "x-lie-action=connect,x-lie-status=-512",
+                "liepos": "x-lie-action=connect,x-lie-status=5",
+                "liewrite0": "x-lie-action=write,x-lie-status=0",
+                "lieread513": "x-lie-action=read,x-lie-status=-513"}
+# Run in both modes: the driver's default (stream, where the device has it)...
 TESTS = ("open-busy-while-read-blocked", "poll-wakeup-after-write", "nonblock-read-collects",
          "poll-pollout-starts-no-read", "poll-no-pollout-when-peer-stalls",
          "poll-eof-rdhup-hup", "probe-resets-device", "suspend-closes-connection",
-         "close-with-foreign-pending-action", "hammered-device-calls-return")
+         "close-with-foreign-pending-action", "hammered-device-calls-return",
+         "full-duplex-write-while-read-blocked", "stream-integrity-odd-sizes",
+         "host-drop-econnreset")
+# ... and again with stream=0 (names end in "@v1"). The STATUS lies run once:
+# CONNECT is the same in both modes, the READ/WRITECOMMIT lies switch to v1.
+LIE_TESTS = ("lie-connect-below-max-errno", "lie-connect-kernel-internal",
+             "lie-connect-positive", "lie-writecommit-zero", "lie-read-kernel-internal")
+ALL_TESTS = TESTS + LIE_TESTS + tuple(f"{t}@v1" for t in TESTS)
+HOST_DROP = "VMSOCKET-HOST-DROP"
+_HOST_DROP = re.compile(rf"{HOST_DROP} (\d+)")
 
 DRIVER_INIT = r"""#!/bin/sh
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin
@@ -49,6 +68,8 @@ insmod /lib/modules/kvm_vmsocket.ko
 n=0
 while [ ! -c /dev/vmsocket{last} ] && [ $n -lt 100 ]; do sleep 0.1; n=$((n+1)); done
 timeout 900 /bin/vmsocket-test driver {devs} {only}; rc=$?
+echo 0 > /sys/module/kvm_vmsocket/parameters/stream
+timeout 900 /bin/vmsocket-test driver {devs} {only_v1} || rc=$((rc ? rc : 1))
 dmesg | grep -E 'kvm_vmsocket|BUG:|Oops|WARNING:|Call Trace|blocked for more' | head -40 | sed 's/^/{dmesg} /'
 echo "{done} rc=$rc"
 poweroff -f
@@ -57,14 +78,19 @@ poweroff -f
 
 def driver_init(only: tuple[str, ...] = ()) -> bytes:
     """The /driver-init script (console markers from qemupatch.console);
-    ``only``: run just these tests (default all)."""
-    unknown = sorted(set(only) - set(TESTS))
+    ``only``: run just these tests (default all), stream mode first, then
+    those of TESTS again with stream=0."""
+    known = TESTS + LIE_TESTS
+    unknown = sorted(set(only) - set(known))
     if unknown:
-        raise ValueError(f"unknown driver test(s) {unknown}; known: {', '.join(TESTS)}")
+        raise ValueError(f"unknown driver test(s) {unknown}; known: {', '.join(known)}")
+    first = only or known
+    again = tuple(t for t in first if t in TESTS)
     devs = " ".join(f"/dev/vmsocket{i}" for i in range(len(DEVICES)))
     return DRIVER_INIT.format(start=markers.GUEST_START, done=markers.GUEST_DONE,
-                              dmesg=markers.DMESG, last=len(DEVICES) - 1,
-                              devs=devs, only=" ".join(only)).encode()
+                              dmesg=markers.DMESG, last=len(DEVICES) - 1, devs=devs,
+                              only=" ".join(first),
+                              only_v1=" ".join(again) if again else "no-test").encode()
 
 
 def driver_initramfs(image: GuestImage, out: Path, only: tuple[str, ...] = ()) -> Path:
@@ -87,8 +113,14 @@ def driver_argv(qemu: Path, image: GuestImage, initrd: Path, paths: dict[str, Pa
             "-kernel", str(direct_kernel(image.kernel)), "-initrd", str(initrd),
             "-append", f"{KERNEL_ARGS} iomem=relaxed rdinit=/driver-init"]
     for i, (name, _) in enumerate(DEVICES):
-        argv += ["-device", f"vmsocket,id=vs{i},path={paths[name]},addr={0x10 + i:#x}"]
+        props = f",{DEVICE_PROPS[name]}" if name in DEVICE_PROPS else ""
+        argv += ["-device", f"vmsocket,id=vs{i},path={paths[name]},addr={0x10 + i:#x}{props}"]
     return argv
+
+
+def host_drops(lines: list[str]) -> list[int]:
+    """Device indexes the guest asked to drop (``VMSOCKET-HOST-DROP <i>``)."""
+    return [int(m.group(1)) for ln in lines if (m := _HOST_DROP.search(ln))]
 
 
 def run_driver_boot(qemu: Path, image: GuestImage, out: Path, timeout: float = 1500,
@@ -106,6 +138,9 @@ def run_driver_boot(qemu: Path, image: GuestImage, out: Path, timeout: float = 1
             end = time.monotonic() + timeout
             while time.monotonic() < end and machine.poll() is None:
                 lines = follower.poll()
+                for i in host_drops(lines):      # the host always wins (ABI)
+                    machine.qmp("qom-set", {"path": f"/machine/peripheral/vs{i}",
+                                            "property": "connected", "value": False})
                 if any(markers.GUEST_DONE in ln or panic_line(ln) for ln in lines):
                     machine.wait(30)
                     break
@@ -121,9 +156,32 @@ def test_driver_init_runs_every_device():
     text = driver_init().decode()
     assert "/dev/vmsocket0 /dev/vmsocket1" in text and "/dev/vmsocket5" in text
     assert markers.GUEST_DONE in text and markers.GUEST_START in text
-    assert "driver /dev/vmsocket0" in driver_init(("poll-eof-rdhup-hup",)).decode()
+    assert "/dev/vmsocket10" in text and "parameters/stream" in text
+    one = driver_init(("poll-eof-rdhup-hup",)).decode()
+    assert one.count("/dev/vmsocket9 /dev/vmsocket10 poll-eof-rdhup-hup") == 2
+    lie = driver_init(("lie-connect-positive",)).decode()
+    assert "/dev/vmsocket10 lie-connect-positive" in lie and "/dev/vmsocket10 no-test" in lie
     with pytest.raises(ValueError, match="no-such-test"):
         driver_init(("no-such-test",))
+
+
+def test_driver_argv_has_the_lie_devices(tmp_path):
+    img = GuestImage(kernel=tmp_path / "k", initramfs=tmp_path / "i", kernel_version="x",
+                     kernel_name="x", digest="0", modules=(), vmsocket_module=True,
+                     test_program=True)
+    (tmp_path / "k").write_bytes(b"")
+    paths = {name: tmp_path / f"{name}.sock" for name, _ in DEVICES}
+    argv = [a for a in driver_argv(Path("qemu"), img, tmp_path / "i", paths, tmp_path / "c")
+            if a.startswith("vmsocket,")]
+    assert len(argv) == 11
+    assert argv[6].endswith(",x-lie-action=connect,x-lie-status=-600")
+    assert argv[9].endswith(",x-lie-action=write,x-lie-status=0")
+    assert "x-lie" not in argv[0]
+
+
+def test_host_drops_parses_the_marker():
+    assert host_drops(["VMSOCKET-HOST-DROP 0", "x", "[ 1.0] VMSOCKET-HOST-DROP 3\r"]) == [0, 3]
+    assert host_drops(["VMSOCKET-HOST-DROP", "VMSOCKET-HOST-DROP x"]) == []
 
 
 def test_hangup_server_closes_at_once():
@@ -163,7 +221,7 @@ def _check(report, out: Path) -> None:
     got = {t.name: t for t in report.tests}
     failed = [f"{t.name}: {t.line}" for t in report.tests if t.status == "fail"]
     assert report.done_rc is not None, (out / "console.log").read_text()[-3000:]
-    assert set(got) == set(TESTS), sorted(got)
+    assert set(got) == set(ALL_TESTS), sorted(set(ALL_TESTS) ^ set(got))
     assert not failed, "\n".join(failed)
     assert not report.kernel_errors, report.kernel_errors
     assert report.done_rc == 0
