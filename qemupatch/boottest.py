@@ -13,7 +13,15 @@ One boot does everything::
     host servers (qemupatch.servers)      QEMU (-S, QMP on a socketpair)
       echo, refused, sink, source  <---   -vmsocket unix:...  x4  (/dev/vmsocket0..3)
       vs-echo, vs-sink, vs-source  <---   virtio-serial ports qp.echo/qp.sink/qp.source
+      ceil-echo, ceil-sink, ...    <---   (benchmark) the same program on the host,
+                                          after QEMU: the servers' ceiling
                                           console -> <out>/console.log
+
+The benchmark (``bench=True``): one guest process measures every cell
+``bench_reps`` times on both channels, interleaved (``vmsocket-test
+bench``); then the host runs the same program against its own instances
+of the same servers (``qemupatch.bench``) for the ceiling.  Each side's
+devices are opened once; virtio-serial's ports use QEMU's socket chardev.
 
 Stages, each with its own deadline (``Deadlines``); a console watchdog ends
 the run when the guest prints nothing for ``Deadlines.idle``:
@@ -44,7 +52,9 @@ QEMU or host server outlives ``run_boot_test``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -54,6 +64,7 @@ from pathlib import Path
 from qemu.qmp import QMPError
 
 from qemupatch import console as markers
+from qemupatch.bench import CEILING_CHANNEL, run_ceiling
 from qemupatch.bootreport import (BootResult, Check, Stage, bench_table, format_bench_table,
                                   write_result, write_running, write_stopped)
 from qemupatch.console import (BenchRow, ConsoleFollower, ConsoleReport, GuestTest, number,
@@ -70,8 +81,18 @@ VMSOCKET_VENDOR, VMSOCKET_DEVICE = 0x1AF4, 0x10F0
 # /dev/vmsocketN order: echo, refused, sink, source.
 VMSOCKET_SERVERS = ("echo", "refused", "sink", "source")
 VMSOCKET_SLOTS = (0x10, 0x11, 0x12, 0x13)
+# A benchmark boot adds /dev/vmsocket4..6 (slots 0x14..): the channel
+# "vmsocket-v1", which /init opens with the driver's stream parameter off.
+BENCH_V1_SERVERS = ("v1-echo", "v1-sink", "v1-source")
 LARGE_BYTES = 3 << 20
 SHORT_BYTES = len("hello vmsocket\n")
+BENCH_REPS = 5                # repetitions of every benchmark cell (qemupatch.bench_reps=)
+# The ceiling's own server instances (same code as the channels'): the
+# guest's byte counts stay the only ones on the channels' servers.
+CEILING_SERVERS = {"ceil-echo": "echo", "ceil-sink": "sink", "ceil-source": "source"}
+# Issue 9's goals are for a 2-vCPU TCG guest (full duplex needs a second
+# vCPU); a benchmark boot gets -smp 2 unless the caller chose its own.
+BENCH_SMP = 2
 STAGES = ("qemu-start", "kernel-boot", "guest-tests", "shutdown")
 OUTPUTS = ("console.log", "qemu.log", "qmp.jsonl", "qemu.cmdline", "query-pci.json",
            "boot-test.json", "boot-test.junit.xml", "bench.txt")
@@ -114,10 +135,11 @@ def _opt(value: object) -> str:
 
 def qemu_argv(qemu: Path, image: GuestImage, *, accel: str, console: Path,
               paths: Mapping[str, Path], vmsocket: bool, spelling: str,
-              append: str, extra: Sequence[str] = (), kernel: Path | None = None
-              ) -> list[str]:
+              append: str, extra: Sequence[str] = (), kernel: Path | None = None,
+              bench: bool = False) -> list[str]:
     """QEMU's command line, without the QMP monitor (``QemuMachine`` adds it).
-    ``kernel``: what to boot instead of ``image.kernel`` (its PVH vmlinux)."""
+    ``kernel``: what to boot instead of ``image.kernel`` (its PVH vmlinux).
+    ``bench``: with the benchmark's vmsocket-v1 devices."""
     argv = [str(qemu), "-S", "-accel", accel, "-m", "512", "-nographic", "-no-reboot",
             "-nic", "none", "-L", "/usr/share/qemu", "-L", "/usr/share/seabios",
             "-monitor", "none", "-parallel", "none",
@@ -125,7 +147,8 @@ def qemu_argv(qemu: Path, image: GuestImage, *, accel: str, console: Path,
             "-kernel", str(kernel or image.kernel), "-initrd", str(image.initramfs),
             "-append", append]
     if vmsocket:
-        for i, (name, slot) in enumerate(zip(VMSOCKET_SERVERS, VMSOCKET_SLOTS, strict=True)):
+        for i, name in enumerate(vmsocket_servers(bench)):
+            slot = VMSOCKET_SLOTS[0] + i
             if spelling == "option":
                 argv += ["-vmsocket", f"unix:{paths[name]}"]
             elif spelling == "device":
@@ -138,6 +161,11 @@ def qemu_argv(qemu: Path, image: GuestImage, *, accel: str, console: Path,
         argv += ["-chardev", f"socket,id=vs{kind},path={_opt(paths['vs-' + kind])}",
                  "-device", f"virtserialport,bus=vser0.0,chardev=vs{kind},name={port}"]
     return argv + list(extra)
+
+
+def vmsocket_servers(bench: bool) -> tuple[str, ...]:
+    """The host servers behind /dev/vmsocket0, 1, ... in order."""
+    return VMSOCKET_SERVERS + (BENCH_V1_SERVERS if bench else ())
 
 
 # --------------------------------------------------------------- the run
@@ -206,12 +234,13 @@ def run_boot_test(qemu: Path, image: GuestImage, out_dir: Path, *, bench: bool =
                   accel: str = "auto", vmsocket: bool = True, spelling: str = "option",
                   tests: bool = True, deadlines: Deadlines = Deadlines(),
                   progress: Progress | None = _default_progress,
-                  extra_args: Sequence[str] = ()) -> BootResult:
+                  extra_args: Sequence[str] = (), bench_reps: int = BENCH_REPS) -> BootResult:
     """Boot ``image`` in ``qemu`` and run the vmsocket tests (and the benchmark).
 
     ``accel``: "auto" (KVM probe, else TCG), "kvm" or "tcg".  ``vmsocket``:
     False boots without vmsocket devices (stock QEMU).  ``spelling``:
     "option" (``-vmsocket unix:PATH``) or "device" (``-device vmsocket,path=,addr=``).
+    ``bench_reps``: how many times the benchmark measures every cell.
     Returns the result when everything passed; otherwise writes the same
     files and raises the stage's ``BootTestError`` with ``.result`` set.
     A ``Terminated`` (or any other unexpected error) goes through, after
@@ -225,6 +254,9 @@ def run_boot_test(qemu: Path, image: GuestImage, out_dir: Path, *, bench: bool =
         say(f"[{time.monotonic() - t0:7.1f}s] {msg}")
 
     stages = _Stages(note)
+    if bench and "-smp" not in extra_args:
+        extra_args = ["-smp", str(BENCH_SMP), *extra_args]
+    smp = next((extra_args[i + 1] for i, a in enumerate(extra_args[:-1]) if a == "-smp"), "1")
     context = {"accel": accel, "qemu": str(qemu), "image": image.to_json(),
                "deadlines": asdict(deadlines)}
     written = False
@@ -245,14 +277,24 @@ def run_boot_test(qemu: Path, image: GuestImage, out_dir: Path, *, bench: bool =
         result, error = _boot(qemu, image, kernel, out_dir, bench=bench, accel=accel,
                               vmsocket=vmsocket, spelling=spelling, tests=tests,
                               deadlines=deadlines, stages=stages, context=context,
-                              note=note, extra_args=extra_args, t0=t0)
+                              note=note, extra_args=extra_args, t0=t0,
+                              bench_reps=bench_reps)
+        if bench:
+            result = dataclasses.replace(result, bench_info={
+                "reps": bench_reps, "smp": int(smp), "ceiling": CEILING_CHANNEL,
+                "order": "cells in turn, channels interleaved, order rotating per repetition",
+                # the host's load when done: on a shared machine, noise to weigh
+                "loadavg": [round(x, 2) for x in os.getloadavg()]})
         stages.current = "report"
         write_result(result)
         written = True
         if result.bench:
             table = format_bench_table(result.bench)
             atomic_write(out_dir / "bench.txt",
-                         f"accel={accel} kernel={image.kernel_version} qemu={qemu}\n{table}\n")
+                         f"accel={accel} kernel={image.kernel_version} qemu={qemu} "
+                         f"reps={bench_reps} smp={smp} "
+                         f"loadavg={'/'.join(map(str, result.bench_info['loadavg']))}\n"
+                         f"{table}\n")
             say(table)
     except BaseException as exc:
         stopped_by = exc
@@ -275,13 +317,19 @@ def run_boot_test(qemu: Path, image: GuestImage, out_dir: Path, *, bench: bool =
 def _boot(qemu: Path, image: GuestImage, kernel: Path, out_dir: Path, *, bench: bool,
           accel: str, vmsocket: bool, spelling: str, tests: bool, deadlines: Deadlines,
           stages: _Stages, context: dict, note: Progress, extra_args: Sequence[str],
-          t0: float) -> tuple[BootResult, BootTestError | None]:
+          t0: float, bench_reps: int = BENCH_REPS) -> tuple[BootResult, BootTestError | None]:
     """The boot itself: servers, QEMU, the stages, the cross-checks; the
     result, and the error that describes it when it failed."""
-    specs = {name: name for name in VMSOCKET_SERVERS}     # each one's kind is its name
+    # Each one's kind is its name, after the channel's prefix (vs-, v1-, ceil-).
+    specs = {name: name.split("-")[-1] for name in vmsocket_servers(bench)}
     specs.update({f"vs-{k}": k for k in VPORT_NAMES})
+    if bench:
+        specs.update(CEILING_SERVERS)
     append = (f"{KERNEL_ARGS} qemupatch.tests={int(tests)} "
               f"qemupatch.bench={int(bench)} qemupatch.timeout={int(deadlines.test_program)}")
+    if bench:
+        append += f" qemupatch.bench_reps={int(bench_reps)}"
+    bench_rows: tuple[BenchRow, ...] = ()
     console_path = out_dir / "console.log"
     checks: list[Check] = []
     stop: _Stop | None = None
@@ -298,7 +346,7 @@ def _boot(qemu: Path, image: GuestImage, kernel: Path, out_dir: Path, *, bench: 
     with ServerSet(specs, fnv_limit=0) as servers:
         argv = qemu_argv(qemu, image, accel=accel, console=console_path,
                          paths=servers.paths, vmsocket=vmsocket, spelling=spelling,
-                         append=append, extra=extra_args, kernel=kernel)
+                         append=append, extra=extra_args, kernel=kernel, bench=bench)
         console = ConsoleFollower(console_path)
         context["argv"] = argv
         write_running(out_dir, context)
@@ -311,7 +359,7 @@ def _boot(qemu: Path, image: GuestImage, kernel: Path, out_dir: Path, *, bench: 
                 pci_count = len(found)
                 atomic_write(out_dir / "query-pci.json", json.dumps(pci, indent=1))
                 if vmsocket:
-                    problem = _check_pci(found, spelling)
+                    problem = _check_pci(found, spelling, len(vmsocket_servers(bench)))
                     checks.append(Check("qmp.query-pci", "fail" if problem else "pass",
                                         problem or f"vmsocket functions at slots "
                                         f"{[f['slot'] for f in found]}"))
@@ -345,23 +393,33 @@ def _boot(qemu: Path, image: GuestImage, kernel: Path, out_dir: Path, *, bench: 
         console.poll()
         note(f"qemu: {qexit.describe()}")
         report = parse_console(console.text)
+        bench_rows = report.bench
         if report.done_rc is not None:
             checks.extend(_cross_check(report, servers, pci_count, tests))
             if bench:
-                for channel in (("vmsocket",) if vmsocket else ()) + ("virtio-serial",):
-                    rows = [b for b in report.bench if b.channel == channel and not b.error]
+                stages.current = "bench-ceiling"
+                note(f"bench-ceiling: the host servers alone, {bench_reps} repetitions")
+                bench_rows += run_ceiling(
+                    image.initramfs, {k: servers.paths[f"ceil-{k}"]
+                                      for k in ("echo", "sink", "source")},
+                    servers.dir, reps=bench_reps, timeout=deadlines.bench)
+                stages.current = "cross-checks"
+                for channel in ((("vmsocket",) if vmsocket else ()) +
+                                ("virtio-serial", CEILING_CHANNEL)):
+                    rows = [b for b in bench_rows if b.channel == channel and not b.error]
                     checks.append(Check(f"bench-{channel}-ran", "pass" if rows else "fail",
                                         f"{len(rows)} {channel} benchmark rows"))
         server_json = {n: s.to_json() for n, s in servers.all_stats().items()}
         qemu_tail = machine.log_tail()
     stages.current = "report"
-    error = _classify(start_error, stop, qexit, report, checks, console.tail(), qemu_tail)
+    error = _classify(start_error, stop, qexit, report, checks, console.tail(), qemu_tail,
+                      bench_rows)
     return BootResult(
         ok=error is None, failure=type(error).__name__ if error else None,
         message=str(error) if error else "boot test passed",
         exit_code=error.exit_code if error else 0, accel=accel, qemu=str(qemu),
         spelling=spelling if vmsocket else "none", image=image, stages=stages.finished(),
-        tests=report.tests, checks=tuple(checks), bench=report.bench,
+        tests=report.tests, checks=tuple(checks), bench=tuple(bench_rows),
         guest_rc=report.done_rc, qemu_exit=qexit.describe(), out_dir=out_dir,
         servers=server_json, seconds=time.monotonic() - t0), error
 
@@ -377,13 +435,14 @@ def _vmsocket_functions(pci: object) -> list[dict]:
     return sorted(found, key=lambda f: (f["bus"], f["slot"], f["function"]))
 
 
-def _check_pci(found: list[dict], spelling: str) -> str | None:
-    if len(found) != len(VMSOCKET_SERVERS):
-        return (f"expected {len(VMSOCKET_SERVERS)} vmsocket functions "
+def _check_pci(found: list[dict], spelling: str, count: int = len(VMSOCKET_SERVERS)
+               ) -> str | None:
+    if len(found) != count:
+        return (f"expected {count} vmsocket functions "
                 f"({VMSOCKET_VENDOR:04x}:{VMSOCKET_DEVICE:04x}), QEMU has {len(found)}")
     if spelling == "device":
         got = [(f["slot"], f["qdev_id"]) for f in found]
-        want = [(s, f"vmsocket{i}") for i, s in enumerate(VMSOCKET_SLOTS)]
+        want = [(VMSOCKET_SLOTS[0] + i, f"vmsocket{i}") for i in range(count)]
         if got != want:
             return f"vmsocket slots/ids {got}, expected {want}"
     return None
@@ -442,6 +501,7 @@ def _cross_check(report: ConsoleReport, servers: ServerSet, pci_count: int | Non
                          f"virtio-serial echo server got {vs_echo.bytes_in} bytes, "
                          f"guest sent {want}"))
     for channel, sink, source in (("vmsocket", "sink", "source"),
+                                  ("vmsocket-v1", "v1-sink", "v1-source"),
                                   ("virtio-serial", "vs-sink", "vs-source")):
         g2h = sum(b.bytes or 0 for b in report.bench if b.channel == channel and b.kind == "g2h")
         h2g = sum(b.bytes or 0 for b in report.bench if b.channel == channel and b.kind == "h2g")
@@ -458,7 +518,7 @@ def _cross_check(report: ConsoleReport, servers: ServerSet, pci_count: int | Non
 
 def _classify(start_error: QemuStartError | None, stop: _Stop | None, qexit: QemuExit,
               report: ConsoleReport, checks: Sequence[Check], console_tail: str,
-              qemu_tail: str) -> BootTestError | None:
+              qemu_tail: str, bench: Sequence[BenchRow] = ()) -> BootTestError | None:
     """The one error that describes the run, or None if it passed."""
     ctx = (f"\nQEMU: {qexit.describe()}\nconsole (tail):\n{console_tail}"
            f"\nQEMU output (tail):\n{qemu_tail}")
@@ -481,7 +541,7 @@ def _classify(start_error: QemuStartError | None, stop: _Stop | None, qexit: Qem
     problems = [f"{t.name}: {t.line}" for t in report.tests if t.status == "fail"]
     problems += [f"{c.name}: {c.detail}" for c in checks if c.status == "fail"]
     problems += [f"bench {b.channel} {b.kind} size={b.size}: {b.error}"
-                 for b in report.bench if b.error]
+                 for b in bench if b.error]
     problems += [f"guest kernel: {e}" for e in report.kernel_errors]
     if report.selftest_done and report.selftest_done[1]:
         problems.append(f"vmsocket-test selftest: {report.selftest_done[1]} failed")

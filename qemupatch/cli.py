@@ -253,6 +253,8 @@ def cmd_build(ns: argparse.Namespace, cfg: config.Config) -> int:
     arg("--program", type=Path, help="the static vmsocket-test binary"),
     arg("--kernel", help="[[kernel]] name from qemupatch.toml (default: the first)"),
     arg("--bench", action="store_true", help="also measure vmsocket against virtio-serial"),
+    arg("--bench-reps", type=int, default=5, metavar="N",
+        help="the benchmark measures every cell N times (1-20, default 5)"),
     arg("--accel", choices=["auto", "kvm", "tcg"], default="auto",
         help="auto: KVM if a short probe boots, else TCG"),
     arg("--idle", type=float, help="console watchdog: fail after this many silent seconds"),
@@ -269,9 +271,11 @@ def cmd_boot_test(ns: argparse.Namespace, cfg: config.Config) -> int:
     deadlines = boottest.Deadlines()
     if ns.idle is not None:
         deadlines = dataclasses.replace(deadlines, idle=ns.idle)
+    if not 1 <= ns.bench_reps <= 20:     # 20 x 3 channels fit the 900 s bench deadline
+        raise UserError(f"--bench-reps {ns.bench_reps}: 1 to 20")
     res = boottest.run_boot_test(ns.qemu, img, ns.out, bench=ns.bench, accel=ns.accel,
                                  deadlines=deadlines, extra_args=ns.qemu_arg,
-                                 progress=progress)
+                                 progress=progress, bench_reps=ns.bench_reps)
     say(f"boot test: {'PASS' if res.ok else 'FAIL'} ({res.message}); results in {ns.out}")
     return res.exit_code
 

@@ -69,6 +69,7 @@ class BenchRow:
     count: int | None = None
     usec: float | None = None
     error: str | None = None
+    rep: int | None = None    # which repetition (0-based); None: one-shot
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,8 @@ def parse_console(text: str) -> ConsoleReport:
                 channel=m.group(1), kind=m.group(2), size=number(f.get("size")),
                 bytes=number(f.get("bytes")), seconds=number(f.get("seconds"), float),
                 mbps=number(f.get("mbps"), float), count=number(f.get("count")),
-                usec=number(f.get("usec"), float), error=err))
+                usec=number(f.get("usec"), float), error=err,
+                rep=number(f.get("rep"))))
         if panic is None:
             panic = panic_line(line)
         # DMESG lines repeat kernel warnings already seen on the console.

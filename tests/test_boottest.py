@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from qemupatch import boottest
+from qemupatch import bootreport, boottest
 from qemupatch.boottest import (BenchRow, Deadlines, bench_table, format_bench_table,
                                 parse_console, run_boot_test)
 from qemupatch.errors import (BootDeadline, GuestCrash, GuestTestFailed,
@@ -59,20 +59,88 @@ def fake_run(tmp_path: Path, scenario: str, deadlines: Deadlines = FAST, **kw):
 
 # ------------------------------------------------------------------ reports
 
-def test_bench_table_ratios():
-    rows = parse_console(CONSOLE).bench
-    table = {(t["test"], t["size"]): t for t in bench_table(rows)}
-    assert table[("g2h", 65536)]["ratio"] == pytest.approx(83.9 / 335.5, abs=1e-3)
-    assert table[("rtt64", None)]["ratio"] == pytest.approx(2.6)       # vmsocket faster
-    assert ("h2g", 4096) not in table                                  # failed row left out
-    text = format_bench_table(rows)
-    assert "0.25x" in text and "2.60x" in text
+def _reps(channel: str, kind: str, values, size: int | None = 65536) -> list[BenchRow]:
+    """One BenchRow per repetition (usec for rtt64, MB/s otherwise)."""
+    if kind == "rtt64":
+        return [BenchRow(channel, kind, count=2000, usec=v, rep=i) for i, v in enumerate(values)]
+    return [BenchRow(channel, kind, size=size, mbps=v, rep=i) for i, v in enumerate(values)]
 
 
-def test_bench_table_missing_side():
-    rows = [BenchRow("vmsocket", "h2g", size=1024, mbps=10.0)]
+def test_bench_stats_min_median_max():
+    assert bootreport.stats([]) is None
+    st = bootreport.stats([5.0, 1.0, 3.0, 9.0])
+    assert (st["n"], st["min"], st["median"], st["max"]) == (4, 1.0, 4.0, 9.0)  # even: middle two
+    assert bootreport.stats([7.0])["median"] == 7.0
+
+
+def test_bench_table_ratio_of_medians_and_its_direction():
+    rows = (_reps("virtio-serial", "g2h", [100, 400, 110, 90, 105])
+            + _reps("vmsocket", "g2h", [210, 230, 20, 250, 220])     # one bad outlier
+            + _reps("virtio-serial", "rtt64", [200, 220, 180])
+            + _reps("vmsocket", "rtt64", [90, 100, 300])
+            + _reps("host-unix", "g2h", [3000, 3100, 2900]))
+    g2h, rtt = bench_table(rows)
+    # Medians (105, 220) resist the outliers a mean would carry.
+    assert g2h["channels"]["virtio-serial"]["stats"]["median"] == 105
+    assert g2h["channels"]["vmsocket"]["stats"]["min"] == 20
+    assert g2h["ratio"] == pytest.approx(220 / 105, abs=1e-3)
+    assert g2h["better"] == "higher" and g2h["goal"] == ">=2x" and g2h["met"] is True
+    # rtt: usec, lower is better; the ratio is still vmsocket/virtio-serial.
+    assert rtt["unit"] == "usec" and rtt["better"] == "lower"
+    assert rtt["ratio"] == pytest.approx(100 / 200)
+    assert rtt["goal"] == "<=0.5x" and rtt["met"] is True
+    assert "below 1 vmsocket is faster" in rtt["ratio_reads"]
+    assert g2h["ceiling"]["median"] == 3000 and rtt["ceiling"] is None
+    assert list(g2h["channels"]) == ["vmsocket", "virtio-serial", "host-unix"]
+
+
+def test_bench_table_failed_reps_counted_not_averaged():
+    rows = _reps("vmsocket", "h2g", [300, 310]) + [
+        BenchRow("vmsocket", "h2g", size=65536, error="EIO", rep=2)]
+    rows += _reps("virtio-serial", "h2g", [100, 100, 100])
     (row,) = bench_table(rows)
-    assert row["virtio_serial"] is None and row["ratio"] is None
+    vs = row["channels"]["vmsocket"]
+    assert vs["stats"]["n"] == 2 and vs["failed"] == 1 and vs["errors"] == ["EIO"]
+    assert row["ratio"] == pytest.approx(3.05)
+    assert "(1 failed)" in format_bench_table(rows)
+
+
+def test_bench_table_missing_side_and_console_rows():
+    (row,) = bench_table([BenchRow("vmsocket", "h2g", size=1024, mbps=10.0)])
+    assert row["channels"]["vmsocket"]["stats"]["median"] == 10.0
+    assert "virtio-serial" not in row["channels"] and row["ratio"] is None and row["met"] is None
+    table = {(t["test"], t["size"]): t for t in bench_table(parse_console(CONSOLE).bench)}
+    assert table[("g2h", 65536)]["ratio"] == pytest.approx(83.9 / 335.5, abs=1e-3)
+    assert table[("h2g", 4096)]["channels"]["vmsocket"]["stats"] is None   # its one row failed
+
+
+def test_format_bench_table_with_v1_and_ceiling():
+    rows = (_reps("vmsocket", "h2g", [400, 420, 410]) + _reps("vmsocket-v1", "h2g", [200, 210, 190])
+            + _reps("virtio-serial", "h2g", [100, 105, 95]) + _reps("host-unix", "h2g", [3000] * 3)
+            + _reps("vmsocket", "rtt64", [50, 60, 55]) + _reps("virtio-serial", "rtt64", [200] * 3))
+    text = format_bench_table(rows)
+    head = next(line for line in text.splitlines() if line.startswith("cell"))
+    assert head.index("vmsocket min/med/max") < head.index("vmsocket-v1 min/med/max") \
+        < head.index("virtio-serial min/med/max") < head.index("host-unix min/med/max")
+    assert "vmsocket/virtio-serial" in head and "vmsocket-v1/virtio-serial" in head
+    h2g = next(line for line in text.splitlines() if line.startswith("h2g 64K"))
+    assert "400.0 / 410.0 / 420.0" in h2g and "3000.0 / 3000.0 / 3000.0" in h2g
+    assert "4.10x" in h2g and "2.00x" in h2g and ">=2x met" in h2g
+    rtt = next(line for line in text.splitlines() if line.startswith("rtt64"))
+    assert "0.28x" in rtt and "<=0.5x met" in rtt
+    assert "3 repetitions per cell" in text and "lower is better" in text
+    assert "host-unix = the ceiling" in text
+
+
+def test_bench_junit_one_case_per_channel_and_cell():
+    rows = _reps("vmsocket", "g2h", [1, 2]) + [BenchRow("vmsocket", "g2h", size=65536,
+                                                        error="EPIPE", rep=2)]
+    rows += _reps("virtio-serial", "g2h", [1, 2, 3])
+    cases = {c.name: c for c in bootreport.junit_cases([], bench=rows)}
+    assert set(cases) == {"vmsocket.g2h.65536", "virtio-serial.g2h.65536"}
+    assert cases["vmsocket.g2h.65536"].status == "fail"
+    assert cases["vmsocket.g2h.65536"].detail == "EPIPE"
+    assert cases["virtio-serial.g2h.65536"].status == "pass"
 
 
 def test_qemu_argv_both_spellings(tmp_path):
@@ -92,6 +160,22 @@ def test_qemu_argv_both_spellings(tmp_path):
     assert "-mon" not in opt          # QemuMachine adds QMP on its socketpair
     with pytest.raises(ValueError):
         boottest.qemu_argv(Path("q"), image(tmp_path), spelling="bogus", **common)
+
+
+def test_qemu_argv_bench_adds_the_v1_devices(tmp_path):
+    """A benchmark boot has /dev/vmsocket4..6 (vmsocket-v1) after the four."""
+    names = boottest.vmsocket_servers(True)
+    assert names[:4] == boottest.VMSOCKET_SERVERS and len(names) == 7
+    paths = {n: tmp_path / f"{n}.sock" for n in names + ("vs-echo", "vs-sink", "vs-source")}
+    dev = boottest.qemu_argv(Path("q"), image(tmp_path), accel="tcg", console=tmp_path / "c",
+                             paths=paths, vmsocket=True, append="", spelling="device",
+                             bench=True)
+    vms = [dev[i + 1] for i, a in enumerate(dev) if a == "-device" and dev[i + 1].startswith("vmsocket")]
+    assert vms[4:] == [f"vmsocket,id=vmsocket{i},path={paths[n]},addr={0x10 + i:#x}"
+                       for i, n in enumerate(names) if i >= 4]
+    found = [{"slot": 0x10 + i, "qdev_id": f"vmsocket{i}"} for i in range(7)]
+    assert boottest._check_pci(found, "device", 7) is None
+    assert "expected 4" in boottest._check_pci(found, "option")
 
 
 # ---------------------------------------------------------- classification

@@ -105,7 +105,8 @@ def test_init_script_is_valid_shell():
     subprocess.run([BUSYBOX, "sh", "-n", "-c", script], check=True, timeout=30)
     assert script.index("virtio_ring") < script.index("virtio_console")
     assert "QEMUPATCH-GUEST-DONE rc=$rc" in script and "poweroff -f" in script
-    assert "vmsocket-test bench vmsocket /dev/vmsocket0 /dev/vmsocket2 /dev/vmsocket3" in script
+    assert ("vmsocket-test bench $REPS $chans" in script and
+            "chans=\"vmsocket /dev/vmsocket0 /dev/vmsocket2 /dev/vmsocket3\"" in script)
 
 
 def test_init_prints_every_marker_the_parser_expects():
