@@ -818,7 +818,7 @@ static ssize_t vmsocket_swrite(struct vmsocket_dev *vd, struct file *file,
 			    VMSOCKET_BUFSIZE_MIN);
 	size_t done = 0;
 	ssize_t ret = 0;
-	u32 space, used;
+	u32 space, used, batch;
 	long w;
 
 	if (nonblock) {
@@ -858,8 +858,10 @@ static ssize_t vmsocket_swrite(struct vmsocket_dev *vd, struct file *file,
 		}
 		if (done && signal_pending(current))
 			break;
+		/* wake for a batch (up to a quarter ring), not for every byte */
+		batch = min_t(size_t, count - done, publish);
 		w = wait_event_interruptible_timeout(vd->tx_wq,
-						     vmsocket_stx_arm(vd, 1),
+						     vmsocket_stx_arm(vd, batch),
 						     VMSOCKET_POLL_INTERVAL);
 		if (w < 0) {
 			ret = -ERESTARTSYS;
