@@ -233,7 +233,8 @@ def format_bench_table(rows: Sequence[BenchRow]) -> str:
     reps = max((st["n"] for t in table for c in t["channels"].values()
                 if (st := c["stats"])), default=0)
     head = ["cell", "unit"] + [f"{c} min/med/max" for c in chans]
-    head += [f"{c}/{VIRTIO_SERIAL}" for c in compared] + ["goal"]
+    goals = any(t["ratio"] is not None for t in table)   # nothing to hold to a goal without
+    head += [f"{c}/{VIRTIO_SERIAL}" for c in compared] + (["goal"] if goals else [])
     lines = [head]
 
     def cell(c: dict | None) -> str:
@@ -251,7 +252,7 @@ def format_bench_table(rows: Sequence[BenchRow]) -> str:
         goal = t["goal"] or "-"
         if t["met"] is not None:
             goal += " met" if t["met"] else " not met"
-        lines.append(line + [goal])
+        lines.append(line + ([goal] if goals else []))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     text = ["  ".join(v.ljust(w) if i < 2 else v.rjust(w)
                       for i, (v, w) in enumerate(zip(line, widths, strict=True))).rstrip()

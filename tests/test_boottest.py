@@ -130,6 +130,8 @@ def test_format_bench_table_with_v1_and_ceiling():
     assert "0.28x" in rtt and "<=0.5x met" in rtt
     assert "3 repetitions per cell" in text and "lower is better" in text
     assert "host-unix = the ceiling" in text
+    alone = format_bench_table(_reps("virtio-serial", "h2g", [1.0]) + _reps("host-unix", "h2g", [9.0]))
+    assert "goal" not in alone and "virtio-serial min/med/max" in alone    # stock QEMU: no ratio
 
 
 def test_bench_junit_one_case_per_channel_and_cell():
