@@ -1501,6 +1501,90 @@ static void test_stream_integrity(const char *echo)
 }
 
 /*
+ * (v2) The same odd-size stream through the echo peer from one thread
+ * with O_NONBLOCK and poll(POLLIN|POLLOUT): writes what fits, reads what
+ * is there. Exercises EAGAIN, POLLOUT (a quarter of the ring free in
+ * stream mode) and the interrupts poll() arms. A poll() that times out
+ * (2 s) with bytes still in flight is a lost wakeup.
+ */
+static void test_poll_integrity(const char *echo)
+{
+	size_t total = (6u << 20) + 5, sent = 0, got = 0, n, mism = ~(size_t)0;
+	unsigned char *data = malloc(total), *back = malloc(total);
+	int fd, mode, wi = 0, ri = 0, timeouts = 0, eagains = 0, err = 0;
+	double t0 = now();
+	struct pollfd pfd;
+	ssize_t r;
+
+	mode = stream_mode(echo);
+	fd = open(echo, O_RDWR | O_NONBLOCK);
+	if (fd < 0 || !data || !back || mode < 0) {
+		result("poll-nonblock-integrity", 0, "err=open:%s", errname(errno));
+		if (fd >= 0)
+			close(fd);
+		free(data);
+		free(back);
+		return;
+	}
+	fill_random(data, total);
+	while (got < total && !err && now() - t0 < 60) {
+		pfd.fd = fd;
+		pfd.events = POLLIN | (sent < total ? POLLOUT : 0);
+		pfd.revents = 0;
+		if (poll(&pfd, 1, 2000) == 0) {
+			timeouts++;
+			continue;
+		}
+		if (pfd.revents & (POLLERR | POLLHUP | POLLNVAL)) {
+			err = EPIPE;
+			break;
+		}
+		if ((pfd.revents & POLLOUT) && sent < total) {
+			n = odd_writes[wi % ARRAY_SIZE(odd_writes)];
+			if (n > total - sent)
+				n = total - sent;
+			r = write(fd, data + sent, n);
+			if (r > 0) {
+				sent += r;
+				if ((size_t)r == n)
+					wi++;
+			} else if (r < 0 && errno == EAGAIN) {
+				eagains++;
+			} else {
+				err = r < 0 ? errno : EIO;
+			}
+		}
+		if (pfd.revents & POLLIN) {
+			n = odd_reads[ri++ % ARRAY_SIZE(odd_reads)];
+			if (n > total - got)
+				n = total - got;
+			r = read(fd, back + got, n);
+			if (r > 0)
+				got += r;
+			else if (r == 0)
+				err = EPIPE;
+			else if (errno != EAGAIN)
+				err = errno;
+		}
+	}
+	close(fd);
+	for (n = 0; n < got; n++) {
+		if (data[n] != back[n]) {
+			mism = n;
+			break;
+		}
+	}
+	result("poll-nonblock-integrity",
+	       got == total && !err && !timeouts && mism == ~(size_t)0,
+	       "mode=%s sent=%zu bytes=%zu of=%zu err=%s poll_timeouts=%d write_eagains=%d first_mismatch=%zd seconds=%.3f",
+	       mode ? "stream" : "v1", sent, got, total,
+	       err ? errname(err) : "none", timeouts, eagains,
+	       mism == ~(size_t)0 ? (ssize_t)-1 : (ssize_t)mism, now() - t0);
+	free(data);
+	free(back);
+}
+
+/*
  * (v2) The host drops the connection (QOM connected=false, asked for on
  * the console: the harness watches for VMSOCKET-HOST-DROP <device index>):
  * a blocked read() returns ECONNRESET, so does write(), poll() says
@@ -1673,6 +1757,8 @@ static int cmd_driver(char **dev)
 		test_full_duplex(dev[1]);
 	if (want("stream-integrity-odd-sizes"))
 		test_stream_integrity(dev[0]);
+	if (want("poll-nonblock-integrity"))
+		test_poll_integrity(dev[0]);
 	if (want("host-drop-econnreset"))
 		test_host_drop(dev[0], 0);
 	if (want("lie-connect-below-max-errno"))

@@ -49,7 +49,7 @@ TESTS = ("open-busy-while-read-blocked", "poll-wakeup-after-write", "nonblock-re
          "poll-eof-rdhup-hup", "probe-resets-device", "suspend-closes-connection",
          "close-with-foreign-pending-action", "hammered-device-calls-return",
          "full-duplex-write-while-read-blocked", "stream-integrity-odd-sizes",
-         "host-drop-econnreset")
+         "poll-nonblock-integrity", "host-drop-econnreset")
 # ... and again with stream=0 (names end in "@v1"). The STATUS lies run once:
 # CONNECT is the same in both modes, the READ/WRITECOMMIT lies switch to v1.
 LIE_TESTS = ("lie-connect-below-max-errno", "lie-connect-kernel-internal",
