@@ -834,7 +834,7 @@ static ssize_t vmsocket_swrite(struct vmsocket_dev *vd, struct file *file,
 			    VMSOCKET_BUFSIZE_MIN);
 	size_t done = 0;
 	ssize_t ret = 0;
-	u32 space, used, batch;
+	u32 space, used, batch, cons;
 	long w;
 
 	if (nonblock) {
@@ -853,7 +853,9 @@ static ssize_t vmsocket_swrite(struct vmsocket_dev *vd, struct file *file,
 				WRITE_ONCE(vd->hup, true);
 			break;
 		}
-		used = vd->tx_prod - vmsocket_ld(&vd->ring->tx_cons);
+		/* the device read the bytes before TX_CONS freed their space */
+		cons = le32_to_cpu(virt_load_acquire(&vd->ring->tx_cons));
+		used = vd->tx_prod - cons;
 		if (used > vd->bufsize) {
 			ret = vmsocket_ring_corrupt(vd, "TX_CONS", used);
 			break;
@@ -915,8 +917,12 @@ static __poll_t vmsocket_spoll(struct vmsocket_dev *vd, __poll_t want)
 		mask = EPOLLERR | EPOLLHUP;
 		goto out;
 	}
-	if (want & (EPOLLIN | EPOLLRDNORM | EPOLLRDHUP))
+	if ((want & (EPOLLIN | EPOLLRDNORM | EPOLLRDHUP)) &&
+	    !vmsocket_srx_ready(vd)) {
+		/* as read(): have the device look at the socket now */
+		iowrite32(VMSOCKET_DB_RX, vd->regs + VMSOCKET_DOORBELL);
 		vmsocket_srx_arm(vd);
+	}
 	if (want & (EPOLLOUT | EPOLLWRNORM))
 		vmsocket_stx_arm(vd, thresh);
 
