@@ -1660,6 +1660,76 @@ static void test_host_drop(const char *echo, int index)
 }
 
 /*
+ * (7, v2) Unbind (hot unplug) while a reader is blocked in read():
+ * remove() must wake the reader (ENODEV), wait until no reader or writer
+ * is in the rings, and return; the open file then gives
+ * ENODEV and POLLERR|POLLHUP; after a rebind the device works. The unbind
+ * runs in a child with a deadline (a deadlock would leave it in D state).
+ */
+static void test_unbind_blocked(const char *echo2)
+{
+	struct blocked_reader b = { .ret = 1 };
+	char bdf[64], back[sizeof(hello)];
+	int fd, fd2, st, done, w_err = 0, after = -1, mode;
+	struct pollfd pfd = { .events = POLLIN | POLLOUT };
+	double t0, t_reader = -1;
+	pthread_t th;
+	pid_t pid;
+	ssize_t w;
+
+	mode = stream_mode(echo2);
+	fd = open(echo2, O_RDWR);
+	if (fd < 0 || pci_name(echo2, bdf, sizeof(bdf)) || mode < 0) {
+		result("unbind-with-blocked-reader", 0, "err=open:%s",
+		       errname(errno));
+		if (fd >= 0)
+			close(fd);
+		return;
+	}
+	b.fd = fd;
+	pthread_create(&th, NULL, blocked_reader_thread, &b);
+	usleep(300000);			/* the reader blocks: nothing was sent */
+	t0 = now();
+	pid = fork();
+	if (pid == 0)
+		_exit(sysfs_write("/sys/bus/pci/drivers/kvm_vmsocket/unbind",
+				  bdf) ? 1 : 0);
+	done = wait_for(pid, 20, &st);
+	/* the reader must be out by now; give it a moment, then free it */
+	for (st = 0; st < 100 && b.ret == 1; st++)
+		usleep(50000);
+	if (b.ret == 1)
+		pthread_kill(th, SIGALRM);
+	else
+		t_reader = b.returned_at - t0;
+	pthread_join(th, NULL);
+	w = write(fd, hello, sizeof(hello) - 1);
+	if (w < 0)
+		w_err = errno;
+	pfd.fd = fd;
+	poll(&pfd, 1, 0);
+	close(fd);
+	if (done && !sysfs_write("/sys/bus/pci/drivers/kvm_vmsocket/bind", bdf) &&
+	    !wait_dev(echo2)) {
+		fd2 = open(echo2, O_RDWR);
+		if (fd2 >= 0) {
+			after = echo_once(fd2, hello, sizeof(hello) - 1, back);
+			close(fd2);
+		}
+	}
+	result("unbind-with-blocked-reader",
+	       done && b.ret < 0 && b.err == ENODEV && t_reader >= 0 &&
+	       t_reader < 6 && w < 0 && w_err == ENODEV &&
+	       (pfd.revents & (POLLERR | POLLHUP)) == (POLLERR | POLLHUP) &&
+	       after == 0,
+	       "mode=%s unbind_returned=%d read=%zd errno=%s reader_seconds=%.3f write_errno=%s revents=%#x rebind_echo=%s",
+	       mode ? "stream" : "v1", done, b.ret,
+	       b.ret < 0 ? errname(b.err) : "none", t_reader,
+	       w < 0 ? errname(w_err) : "none", pfd.revents,
+	       after == 0 ? "ok" : after == -1 ? "none" : echo_err(after));
+}
+
+/*
  * (5) The device lies about STATUS (x-lie-action/x-lie-status): open()
  * must fail with EIO for a CONNECT status below -4095 (-600), a kernel-
  * internal code (-512) and a positive one, in a child with a deadline.
@@ -1807,6 +1877,8 @@ static int cmd_driver(char **dev)
 		test_poll_eof(dev[2]);
 	if (want("probe-resets-device"))
 		test_probe_resets(dev[5]);
+	if (want("unbind-with-blocked-reader"))
+		test_unbind_blocked(dev[5]);
 	if (want("close-with-foreign-pending-action"))
 		foreign_ok = test_foreign_pending(dev[4]);
 	if (want("hammered-device-calls-return")) {

@@ -46,7 +46,8 @@ DEVICE_PROPS = {"lie600": "x-lie-action=connect,x-lie-status=-600",
 # Run in both modes: the driver's default (stream, where the device has it)...
 TESTS = ("open-busy-while-read-blocked", "poll-wakeup-after-write", "nonblock-read-collects",
          "poll-pollout-starts-no-read", "poll-no-pollout-when-peer-stalls",
-         "poll-eof-rdhup-hup", "probe-resets-device", "suspend-closes-connection",
+         "poll-eof-rdhup-hup", "probe-resets-device", "unbind-with-blocked-reader",
+         "suspend-closes-connection",
          "close-with-foreign-pending-action", "hammered-device-calls-return",
          "full-duplex-write-while-read-blocked", "stream-integrity-odd-sizes",
          "poll-nonblock-integrity", "host-drop-econnreset")
