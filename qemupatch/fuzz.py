@@ -9,6 +9,11 @@ seeded stream of hostile operations:
 * register writes and reads of every width (1, 2, 4 and 8 bytes), at every
   offset of BAR0 including misaligned ones, with boundary values;
 * buffer reads and writes in BAR1/BAR2, across their ends;
+* stream mode (ABI version 2): MODE and DOORBELL writes, garbage indices
+  and flags anywhere in the BAR3 control page, and well-formed ring
+  traffic (bytes in the output ring, TX_PROD bumped, DOORBELL.TX; input
+  ring bytes taken, RX_CONS bumped, DOORBELL.RX; WANT_* toggled) so that
+  the hostile values meet a device that is really streaming;
 * PCI config writes (command register, BARs, the MSI capability), MSI
   enabled with its address aimed at the device's own BAR0;
 * ``system_reset`` and hot-unplug (``device_del`` + the ACPI eject) followed
@@ -65,9 +70,16 @@ ROM_ARGS = ("-L", "/usr/share/seabios", "-L", "/usr/share/qemu")
 # The device (docs/vmsocket-abi.md).
 VENDOR_DEVICE = 0x10F01AF4
 SLOT = 4
-REGS = (0x00, 0x04, 0x08, 0x0C, 0x10, 0x20, 0x30, 0x40, 0x50, 0x60)
-BAR0, BAR1, BAR2 = 0xE2000000, 0xE0000000, 0xE1000000
+REGS = (0x00, 0x04, 0x08, 0x0C, 0x10, 0x14, 0x18, 0x20, 0x30, 0x40, 0x50, 0x60, 0x70)
+BAR0, BAR1, BAR2, BAR3 = 0xE2000000, 0xE0000000, 0xE1000000, 0xE2010000
 BUFSIZE = 4096
+RING_SIZE = 4096
+REG_MODE, REG_DOORBELL = 0x18, 0x70
+# BAR3, the control page: the guest's fields, then the device's.
+TX_PROD, RX_CONS, GUEST_FLAGS = 0x00, 0x04, 0x08
+TX_CONS, RX_PROD, DEV_FLAGS, DEV_ERROR = 0x40, 0x44, 0x48, 0x4C
+RING_FIELDS = (TX_PROD, RX_CONS, GUEST_FLAGS, TX_CONS, RX_PROD, DEV_FLAGS, DEV_ERROR)
+TX_KICK, RX_KICK = 1, 2
 MSI_CAP_ID = 0x05
 ACPI_EJECT_PORT = 0xAE08   # piix4 PCI hotplug: write (1 << slot) to eject
 VALUES = (0, 1, 2, 0x7F, 0x80, 0xFF, 0x100, BUFSIZE - 1, BUFSIZE, BUFSIZE + 1,
@@ -267,7 +279,7 @@ class _Device:
         if found != VENDOR_DEVICE:
             raise QemuStartError(f"no vmsocket device at slot {SLOT}: "
                                  f"config space reads {found:#010x}")
-        for bar, addr in enumerate((BAR0, BAR1, BAR2)):
+        for bar, addr in enumerate((BAR0, BAR1, BAR2, BAR3)):
             self.qt.cfg_write(SLOT, 0x10 + 4 * bar, addr)
         self.qt.cfg_write(SLOT, 0x04, 0x0006, 2)   # memory space + bus master
         cap = self.qt.cfg_read(SLOT, 0x34, 1)
@@ -344,6 +356,85 @@ def _op_msi(dev: _Device, rng: random.Random) -> str:
     return f"msi {'on' if enable else 'off'} -> {'BAR0' if own else 'LAPIC'} {addr:#x}"
 
 
+def _op_mode(dev: _Device, rng: random.Random) -> str:
+    """MODE, mostly STREAM and often followed by CONNECT, so that the
+    stream operations below meet a connected stream."""
+    value = rng.choice((1, 1, 1, 0, 0xFFFFFFFF, rng.getrandbits(32)))
+    dev.qt.write(4, BAR0 + REG_MODE, value)
+    if rng.random() < 0.6:
+        dev.qt.write(4, BAR0 + 0x20, 1)
+        dev.qt.read(4, BAR0)
+        return f"mode {value:#x} + connect"
+    return f"mode {value:#x}"
+
+
+def _op_doorbell(dev: _Device, rng: random.Random) -> str:
+    width = rng.choice((4, 4, 4, 2, 1))
+    value = rng.choice((1, 2, 3, 3, 0, 0xFFFFFFFF, rng.getrandbits(32)))
+    value &= (1 << 8 * width) - 1
+    dev.qt.write(width, BAR0 + REG_DOORBELL, value)
+    return f"doorbell{width} {value:#x}"
+
+
+def _op_ring(dev: _Device, rng: random.Random) -> str:
+    """Hostile control page: garbage indices and flags, in the guest's
+    fields and in the device's own, anywhere in the page, then a doorbell
+    now and then so the device looks at them at once."""
+    offset = rng.choice(RING_FIELDS) if rng.random() < 0.8 else rng.randrange(RING_SIZE)
+    width = rng.choice((4, 4, 4, 1, 2, 8))
+    offset = min(offset, RING_SIZE - width)
+    if rng.random() < 0.2:
+        dev.qt.read(width, BAR3 + offset)
+        return f"read{width} BAR3+{offset:#x}"
+    cur = dev.qt.read(4, BAR3 + (offset & ~3))
+    value = rng.choice((_value(rng, width), (cur + rng.choice((1, BUFSIZE, BUFSIZE + 1,
+                                                               -1, 0x80000000))) & 0xFFFFFFFF))
+    dev.qt.write(width, BAR3 + offset, value & ((1 << 8 * width) - 1) if width < 8 else value)
+    text = f"write{width} BAR3+{offset:#x} {value:#x}"
+    if rng.random() < 0.5:
+        bell = rng.choice((1, 2, 3))
+        dev.qt.write(4, BAR0 + REG_DOORBELL, bell)
+        text += f" + doorbell {bell}"
+    return text
+
+
+def _op_stream(dev: _Device, rng: random.Random) -> str:
+    """One well-formed ring step, as a driver does it (on a device that
+    may not be streaming, or has failed: harmless then)."""
+    mask = BUFSIZE - 1
+    what = rng.choice(("send", "send", "recv", "recv", "want"))
+    if what == "want":
+        flags = rng.randrange(4)
+        dev.qt.write(4, BAR3 + GUEST_FLAGS, flags)
+        return f"stream want {flags}"
+    if what == "send":
+        prod = dev.qt.read(4, BAR3 + TX_PROD) & 0xFFFFFFFF
+        room = BUFSIZE - ((prod - dev.qt.read(4, BAR3 + TX_CONS)) & 0xFFFFFFFF)
+        n = min(max(room, 0), rng.choice((1, 7, 64, 1000, BUFSIZE)))
+        off = prod & mask
+        first = min(n, BUFSIZE - off)
+        for base, size in ((off, first), (0, n - first)):
+            if size:
+                data = rng.getrandbits(8 * size).to_bytes(size, "little").hex()
+                dev.qt.cmd(f"write {BAR2 + base:#x} {size} 0x{data}")
+        dev.qt.write(4, BAR3 + TX_PROD, (prod + n) & 0xFFFFFFFF)
+        if dev.qt.read(4, BAR3 + DEV_FLAGS) & TX_KICK or rng.random() < 0.1:
+            dev.qt.write(4, BAR0 + REG_DOORBELL, 1)
+        return f"stream send {n} at {off:#x}"
+    cons = dev.qt.read(4, BAR3 + RX_CONS) & 0xFFFFFFFF
+    avail = (dev.qt.read(4, BAR3 + RX_PROD) - cons) & 0xFFFFFFFF
+    n = min(avail, rng.choice((1, 16, 500, BUFSIZE))) if avail <= BUFSIZE else 0
+    off = cons & mask
+    first = min(n, BUFSIZE - off)
+    for base, size in ((off, first), (0, n - first)):
+        if size:
+            dev.qt.cmd(f"read {BAR1 + base:#x} {size}")
+    dev.qt.write(4, BAR3 + RX_CONS, (cons + n) & 0xFFFFFFFF)
+    if dev.qt.read(4, BAR3 + DEV_FLAGS) & RX_KICK or rng.random() < 0.1:
+        dev.qt.write(4, BAR0 + REG_DOORBELL, 2)
+    return f"stream recv {n} at {off:#x}"
+
+
 def _op_remap(dev: _Device, rng: random.Random) -> str:
     dev.map()
     return "remap"
@@ -356,6 +447,10 @@ OPERATIONS: tuple[tuple[str, float, Callable[[_Device, random.Random], str]], ..
     ("config", 0.08, _op_config),
     ("msi", 0.05, _op_msi),
     ("remap", 0.05, _op_remap),
+    ("mode", 0.04, _op_mode),
+    ("doorbell", 0.05, _op_doorbell),
+    ("ring", 0.08, _op_ring),
+    ("stream", 0.15, _op_stream),
 )
 RESET_SHARE, UNPLUG_SHARE = 0.012, 0.004
 DEFAULT_OPERATIONS = 3000

@@ -91,6 +91,9 @@ def test_operation_stream_depends_on_the_seed_alone_and_covers_the_attack_surfac
     assert any(int(t.split("+")[1].split()[0], 16) % 4 for t in a if t.startswith("write"))
     assert "BAR1" in text and "BAR2" in text and "config " in text
     assert any(line.startswith("writeq") for line in lines_a)
+    # stream mode: MODE, doorbells, the control page, ring traffic
+    for op in ("mode 0x1", "doorbell", "BAR3+", "stream send", "stream recv"):
+        assert op in text, op
 
 
 def test_a_silent_qemu_is_a_hang_not_a_wait_forever(tmp_path):
@@ -121,3 +124,80 @@ def test_sanitizers_are_spelled_as_the_release_configure_wants(tmp_path):
                                                 "option('ubsan', type: 'boolean')\n")
     opts = fuzz.sanitizer_options(QemuBuildOptions(), tmp_path)
     assert opts.configure_args[-2:] == ("--enable-asan", "--enable-ubsan")
+
+
+class _MemQtest(_FakeQtest):
+    """A fake whose BARs remember what was written (little-endian bytes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mem = {}
+
+    def cmd(self, line):
+        op, *args = line.split()
+        if op in ("writeb", "writew", "writel", "writeq"):
+            n = {"b": 1, "w": 2, "l": 4, "q": 8}[op[-1]]
+            addr, val = int(args[0], 16), int(args[1], 16)
+            for i in range(n):
+                self.mem[addr + i] = val >> 8 * i & 0xFF
+        elif op == "write":
+            addr, data = int(args[0], 16), bytes.fromhex(args[2][2:])
+            for i, b in enumerate(data):
+                self.mem[addr + i] = b
+        elif op in ("readb", "readw", "readl", "readq") and int(args[0], 16) >= fuzz.BAR3:
+            n = {"b": 1, "w": 2, "l": 4, "q": 8}[op[-1]]
+            addr = int(args[0], 16)
+            self.lines.append(line)
+            return f"OK {sum(self.mem.get(addr + i, 0) << 8 * i for i in range(n)):#x}"
+        return super().cmd(line)
+
+
+def _ring(qt, field):
+    return sum(qt.mem.get(fuzz.BAR3 + field + i, 0) << 8 * i for i in range(4))
+
+
+def test_stream_steps_stay_in_the_rings_and_move_the_indices_by_what_they_moved():
+    qt = _MemQtest()
+    dev = fuzz._Device(qt)
+    dev.map()
+    assert "outl 0xcfc 0xe2010000" in qt.lines            # BAR3 is mapped
+    rng = random.Random(3)
+    # a device with a full input ring across the end, and 4090 bytes sent
+    qt.cmd(f"writel {fuzz.BAR3 + fuzz.RX_CONS:#x} {4000:#x}")
+    qt.cmd(f"writel {fuzz.BAR3 + fuzz.RX_PROD:#x} {4000 + fuzz.BUFSIZE:#x}")
+    qt.cmd(f"writel {fuzz.BAR3 + fuzz.TX_CONS:#x} {4090:#x}")
+    qt.cmd(f"writel {fuzz.BAR3 + fuzz.TX_PROD:#x} {4090:#x}")
+    sent = received = 0
+    for _ in range(60):
+        before = len(qt.lines)
+        text = fuzz._op_stream(dev, rng)
+        new = qt.lines[before:]
+        if text.startswith("stream send"):
+            n = int(text.split()[2])
+            sent += n
+            for line in new:
+                if line.startswith("write 0x"):
+                    addr, size = int(line.split()[1], 16), int(line.split()[2])
+                    assert fuzz.BAR2 <= addr and addr + size <= fuzz.BAR2 + fuzz.BUFSIZE
+            # the device "sends" everything at once
+            qt.cmd(f"writel {fuzz.BAR3 + fuzz.TX_CONS:#x} {(4090 + sent) & 0xFFFFFFFF:#x}")
+        elif text.startswith("stream recv"):
+            received += int(text.split()[2])
+            for line in new:
+                if line.startswith("read 0x"):
+                    addr, size = int(line.split()[1], 16), int(line.split()[2])
+                    assert fuzz.BAR1 <= addr and addr + size <= fuzz.BAR1 + fuzz.BUFSIZE
+        assert _ring(qt, fuzz.TX_PROD) == (4090 + sent) & 0xFFFFFFFF
+        assert _ring(qt, fuzz.RX_CONS) == 4000 + received
+        assert received <= fuzz.BUFSIZE
+    assert sent > fuzz.BUFSIZE and received == fuzz.BUFSIZE   # wrapped, took all
+    # a hostile device index: the step takes nothing rather than trusting it
+    qt.cmd(f"writel {fuzz.BAR3 + fuzz.RX_PROD:#x} 0x80000000")
+    while not fuzz._op_stream(dev, rng).startswith("stream recv"):
+        pass
+    assert _ring(qt, fuzz.RX_CONS) == 4000 + fuzz.BUFSIZE
+    # hostile page writes stay inside BAR3's 4 KiB
+    for _ in range(200):
+        fuzz._op_ring(dev, rng)
+    assert all(fuzz.BAR3 <= a < fuzz.BAR3 + fuzz.RING_SIZE for a in qt.mem
+               if a >= fuzz.BAR3)

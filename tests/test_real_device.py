@@ -33,7 +33,8 @@ def test_bad_spec_is_a_startup_error_naming_it(spec):
 
 
 @pytest.mark.parametrize("props,needle", [("bufsize=5000,path=/tmp/x", "bufsize"),
-                                          ("bufsize=4096", "path")])
+                                          ("bufsize=4096", "path"),
+                                          ("path=/tmp/x,x-lie-action=open", "x-lie-action")])
 def test_bad_device_properties(props, needle):
     res = qemu("-machine", "q35", "-accel", "tcg", "-display", "none", "-S", "-nodefaults",
                "-device", f"vmsocket,{props}")
@@ -68,7 +69,9 @@ def test_option_readconfig_and_qmp_hotplug(tmp_path):
         devices = _pci_vmsockets(machine)
         assert len(devices) == 3
         assert {d["class_info"]["class"] for d in devices} == {0x0780}
-        assert {len(d["regions"]) for d in devices} == {3}
+        # BAR0 registers, BAR1/BAR2 buffers, BAR3 the stream control page
+        assert [sorted((r["bar"], r["size"]) for r in d["regions"]) for d in devices] \
+            == [[(0, 256), (1, 1 << 20), (2, 1 << 20), (3, 4096)]] * 3
         qexit = machine.shutdown()
     assert (qexit.returncode, qexit.how) == (0, "quit"), qexit
 
@@ -79,8 +82,10 @@ def test_the_series_own_qtest(tmp_path):
     code, odd widths, round trips, a READ pending while QMP answers, INTx
     and MSI, 3000 random register accesses, hotplug, and what the host
     controls (qom-set connected false, migration drops a connection, 8-byte
-    accesses, relative paths, buffers cleared); built with QEMU and run
-    against it."""
+    accesses, relative paths, buffers cleared), and stream mode (ABI v2:
+    negotiation, echo through both rings, a full ring and its doorbell,
+    interrupt suppression, hostile indices, host drop, migration) and the
+    x-lie knob; built with QEMU and run against it."""
     qemu, qtest = device_qtest()
     wrapper = tmp_path / "qemu-system-x86_64"
     wrapper.write_text(f'#!/bin/sh\nexec {qemu} {" ".join(ROMS)} "$@"\n')
@@ -91,4 +96,5 @@ def test_the_series_own_qtest(tmp_path):
     print(res.stdout[-4000:], res.stderr[-4000:])
     assert res.returncode == 0
     oks = [line for line in res.stdout.splitlines() if line.startswith("ok ")]
-    assert len(oks) >= 17 and "not ok" not in res.stdout
+    assert len(oks) >= 25 and "not ok" not in res.stdout
+    assert "/vmsocket/stream/hostile" in res.stdout

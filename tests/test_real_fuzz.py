@@ -56,6 +56,8 @@ def test_seeded_fuzz_finds_nothing_under_asan_and_ubsan(tmp_path):
         assert r.findings == (), r.reproduce(sanitized().binary)
         assert r.operations == 3000
         assert r.op_counts.get("reset", 0) > 0 and r.op_counts.get("unplug", 0) > 0
+        # stream mode (ABI v2) is fuzzed too, not only the v1 registers
+        assert all(r.op_counts.get(k, 0) > 0 for k in ("mode", "doorbell", "ring", "stream"))
         assert len(r.server_modes) >= 3, "the host server must misbehave in several ways"
         assert (r.out_dir / "fuzz.json").exists() and (r.out_dir / "ops.log").exists()
         assert not list(r.out_dir.glob("*.sock")), "sockets left behind (a run folder is copied)"
