@@ -76,6 +76,22 @@ def test_option_readconfig_and_qmp_hotplug(tmp_path):
     assert (qexit.returncode, qexit.how) == (0, "quit"), qexit
 
 
+def test_stream_off_is_the_version_1_device(tmp_path):
+    """stream=off has no BAR3 (and revision 1, checked by the qtest), so
+    that it migrates to QEMUs whose vmsocket predates stream mode."""
+    argv = [str(real_inputs()[0]), *ROMS, "-machine", "pc", "-accel", "tcg",
+            "-display", "none", "-nodefaults", "-S",
+            "-device", f"vmsocket,id=v2,path={tmp_path}/a.sock,addr=0x4",
+            "-device", f"vmsocket,id=v1,path={tmp_path}/b.sock,addr=0x5,stream=off"]
+    with QemuMachine(argv, tmp_path, deadline=120) as machine:
+        machine.launch(30)
+        devices = {d["slot"]: d for d in _pci_vmsockets(machine)}
+        assert sorted(r["bar"] for r in devices[4]["regions"]) == [0, 1, 2, 3]
+        assert sorted(r["bar"] for r in devices[5]["regions"]) == [0, 1, 2]
+        qexit = machine.shutdown()
+    assert (qexit.returncode, qexit.how) == (0, "quit"), qexit
+
+
 @pytest.mark.timeout(1800)
 def test_the_series_own_qtest(tmp_path):
     """tests/qtest/vmsocket-test from the series: identity, every error
@@ -96,5 +112,5 @@ def test_the_series_own_qtest(tmp_path):
     print(res.stdout[-4000:], res.stderr[-4000:])
     assert res.returncode == 0
     oks = [line for line in res.stdout.splitlines() if line.startswith("ok ")]
-    assert len(oks) >= 25 and "not ok" not in res.stdout
-    assert "/vmsocket/stream/hostile" in res.stdout
+    assert len(oks) >= 26 and "not ok" not in res.stdout
+    assert "/vmsocket/stream/hostile" in res.stdout and "/vmsocket/stream/off" in res.stdout
