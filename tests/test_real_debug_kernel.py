@@ -10,24 +10,31 @@ under a blocked read).  Any checker report on the console fails the test.
 from __future__ import annotations
 
 import gzip
-import time
 from pathlib import Path
 
 import pytest
+from guestinputs import real_inputs
+from test_real_driver import _check as check_driver_report
+from test_real_driver import (
+    appended_initramfs,
+    follow_boot,
+    guest_argv,
+    run_driver_boot,
+)
 
 from qemupatch import build, config
 from qemupatch import console as markers
-from qemupatch.boottest import KERNEL_ARGS
-from qemupatch.console import ConsoleFollower, panic_line, parse_console
-from qemupatch.debugkernel import (CONFIG_FRAGMENT, REQUIRED, build_debug_kernel,
-                                   checker_reports, debug_guest_image)
+from qemupatch.console import parse_console
+from qemupatch.debugkernel import (
+    CONFIG_FRAGMENT,
+    REQUIRED,
+    build_debug_kernel,
+    checker_reports,
+    debug_guest_image,
+)
 from qemupatch.guest import Cpio, GuestImage
-from qemupatch.machine import QemuMachine
-from qemupatch.pvh import direct_kernel
 from qemupatch.runner import Runner
 from qemupatch.servers import ServerSet
-from guestinputs import real_inputs
-from test_real_driver import _check as check_driver_report, run_driver_boot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,15 +71,10 @@ STRESS_TESTS = {"stress-run", "rmmod-while-open", "rmmod-after-close", "stress-u
 
 
 def stress_initramfs(image: GuestImage, stress: Path, out: Path, seconds: int) -> Path:
-    cpio = Cpio()
-    cpio.file("stress-init", STRESS_INIT.format(
-        start=markers.GUEST_START, done=markers.GUEST_DONE, dmesg=markers.DMESG,
-        test=markers.TEST, seconds=seconds).encode(), 0o755)
-    cpio.file("bin/vmsocket-stress", stress.read_bytes(), 0o755)
-    target = out / "initramfs-stress.cpio.gz"
-    target.write_bytes(image.initramfs.read_bytes()
-                       + gzip.compress(cpio.finish(), compresslevel=6, mtime=0))
-    return target
+    init = STRESS_INIT.format(start=markers.GUEST_START, done=markers.GUEST_DONE,
+                              dmesg=markers.DMESG, test=markers.TEST, seconds=seconds)
+    return appended_initramfs(image, out, "stress", {"stress-init": init.encode(),
+                                                     "bin/vmsocket-stress": stress.read_bytes()})
 
 
 def run_stress_boot(qemu: Path, image: GuestImage, stress: Path, out: Path, *,
@@ -82,26 +84,11 @@ def run_stress_boot(qemu: Path, image: GuestImage, stress: Path, out: Path, *,
     initrd = stress_initramfs(image, stress, out, seconds)
     console = out / "console.log"
     with ServerSet({"echo": "echo", "silent": "source", "echo2": "echo"}) as servers:
-        argv = [str(qemu), "-accel", "tcg", "-smp", "2", "-m", "1024", "-nographic",
-                "-no-reboot", "-nic", "none", "-L", "/usr/share/qemu",
-                "-L", "/usr/share/seabios", "-monitor", "none", "-parallel", "none",
-                "-chardev", f"file,id=console0,path={console}", "-serial", "chardev:console0",
-                "-kernel", str(direct_kernel(image.kernel)), "-initrd", str(initrd),
-                "-append", f"{KERNEL_ARGS} rdinit=/stress-init",
-                "-device", f"vmsocket,id=vs0,path={servers.paths['echo']},addr=0x10",
-                "-device", f"vmsocket,id=vs1,path={servers.paths['silent']},addr=0x11",
-                "-device", f"vmsocket,id=vs2,path={servers.paths['echo2']},addr=0x12"]
-        follower = ConsoleFollower(console)
-        with QemuMachine(argv, out, deadline=timeout + 60) as machine:
-            machine.launch(30)
-            end = time.monotonic() + timeout
-            while time.monotonic() < end and machine.poll() is None:
-                if any(markers.GUEST_DONE in ln or panic_line(ln) for ln in follower.poll()):
-                    machine.wait(30)
-                    break
-                time.sleep(0.2)
-    follower.poll()
-    return parse_console(follower.text), follower.text
+        argv = guest_argv(qemu, image, initrd, console, memory=1024,
+                          append="rdinit=/stress-init",
+                          devices=[(servers.paths[n], "") for n in ("echo", "silent", "echo2")])
+        text = follow_boot(argv, out, console, timeout)
+    return parse_console(text), text
 
 
 # ----------------------------------------------------------------- fast

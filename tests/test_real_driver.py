@@ -94,34 +94,71 @@ def driver_init(only: tuple[str, ...] = ()) -> bytes:
                               only_v1=" ".join(again) if again else "no-test").encode()
 
 
-def driver_initramfs(image: GuestImage, out: Path, only: tuple[str, ...] = ()) -> Path:
-    """``image``'s initramfs with a second archive holding /driver-init
-    appended (the kernel unpacks concatenated archives in order)."""
+def appended_initramfs(image: GuestImage, out: Path, name: str,
+                       files: dict[str, bytes]) -> Path:
+    """``image``'s initramfs with a second archive holding ``files`` (all
+    executable) appended (the kernel unpacks concatenated archives in order)."""
     cpio = Cpio()
-    cpio.file("driver-init", driver_init(only), 0o755)
-    target = out / "initramfs-driver.cpio.gz"
+    for path, data in files.items():
+        cpio.file(path, data, 0o755)
+    target = out / f"initramfs-{name}.cpio.gz"
     target.write_bytes(image.initramfs.read_bytes()
                        + gzip.compress(cpio.finish(), compresslevel=6, mtime=0))
     return target
 
 
-def driver_argv(qemu: Path, image: GuestImage, initrd: Path, paths: dict[str, Path],
-                console: Path) -> list[str]:
-    argv = [str(qemu), "-accel", "tcg", "-smp", "2", "-m", "512", "-nographic",
+def driver_initramfs(image: GuestImage, out: Path, only: tuple[str, ...] = ()) -> Path:
+    return appended_initramfs(image, out, "driver", {"driver-init": driver_init(only)})
+
+
+def guest_argv(qemu: Path, image: GuestImage, initrd: Path, console: Path, *, append: str,
+               devices: list[tuple[Path, str]], memory: int = 512) -> list[str]:
+    """A TCG boot of ``image``'s kernel with ``initrd``, the console in a
+    file, and a vmsocket device per ``(socket path, extra properties)`` in
+    ``devices``, at slots 0x10, 0x11, ..."""
+    argv = [str(qemu), "-accel", "tcg", "-smp", "2", "-m", str(memory), "-nographic",
             "-no-reboot", "-nic", "none", "-L", "/usr/share/qemu", "-L", "/usr/share/seabios",
             "-monitor", "none", "-parallel", "none",
             "-chardev", f"file,id=console0,path={console}", "-serial", "chardev:console0",
             "-kernel", str(direct_kernel(image.kernel)), "-initrd", str(initrd),
-            "-append", f"{KERNEL_ARGS} iomem=relaxed rdinit=/driver-init"]
-    for i, (name, _) in enumerate(DEVICES):
-        props = f",{DEVICE_PROPS[name]}" if name in DEVICE_PROPS else ""
-        argv += ["-device", f"vmsocket,id=vs{i},path={paths[name]},addr={0x10 + i:#x}{props}"]
+            "-append", f"{KERNEL_ARGS} {append}"]
+    for i, (path, props) in enumerate(devices):
+        argv += ["-device", f"vmsocket,id=vs{i},path={path},addr={0x10 + i:#x}"
+                 + (f",{props}" if props else "")]
     return argv
+
+
+def driver_argv(qemu: Path, image: GuestImage, initrd: Path, paths: dict[str, Path],
+                console: Path) -> list[str]:
+    devices = [(paths[name], DEVICE_PROPS.get(name, "")) for name, _ in DEVICES]
+    return guest_argv(qemu, image, initrd, console, devices=devices,
+                      append="iomem=relaxed rdinit=/driver-init")
 
 
 def host_drops(lines: list[str]) -> list[int]:
     """Device indexes the guest asked to drop (``VMSOCKET-HOST-DROP <i>``)."""
     return [int(m.group(1)) for ln in lines if (m := _HOST_DROP.search(ln))]
+
+
+def follow_boot(argv: list[str], out: Path, console_path: Path, timeout: float) -> str:
+    """Run QEMU until the guest says it is done (or panics, or ``timeout``);
+    the console's text.  A guest's ``VMSOCKET-HOST-DROP i`` is answered by
+    dropping vs{i}'s connection from the host, as the ABI lets it."""
+    follower = ConsoleFollower(console_path)
+    with QemuMachine(argv, out, deadline=timeout + 60) as machine:
+        machine.launch(30)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and machine.poll() is None:
+            lines = follower.poll()
+            for i in host_drops(lines):      # the host always wins (ABI)
+                machine.qmp("qom-set", {"path": f"/machine/peripheral/vs{i}",
+                                        "property": "connected", "value": False})
+            if any(markers.GUEST_DONE in ln or panic_line(ln) for ln in lines):
+                machine.wait(30)
+                break
+            time.sleep(0.2)
+    follower.poll()
+    return follower.text
 
 
 def run_driver_boot(qemu: Path, image: GuestImage, out: Path, timeout: float = 1500,
@@ -133,21 +170,7 @@ def run_driver_boot(qemu: Path, image: GuestImage, out: Path, timeout: float = 1
     console_path.unlink(missing_ok=True)
     with ServerSet(dict(DEVICES)) as servers:
         argv = driver_argv(qemu, image, initrd, servers.paths, console_path)
-        follower = ConsoleFollower(console_path)
-        with QemuMachine(argv, out, deadline=timeout + 60) as machine:
-            machine.launch(30)
-            end = time.monotonic() + timeout
-            while time.monotonic() < end and machine.poll() is None:
-                lines = follower.poll()
-                for i in host_drops(lines):      # the host always wins (ABI)
-                    machine.qmp("qom-set", {"path": f"/machine/peripheral/vs{i}",
-                                            "property": "connected", "value": False})
-                if any(markers.GUEST_DONE in ln or panic_line(ln) for ln in lines):
-                    machine.wait(30)
-                    break
-                time.sleep(0.2)
-    follower.poll()
-    return parse_console(follower.text)
+        return parse_console(follow_boot(argv, out, console_path, timeout))
 
 
 # ----------------------------------------------------------------- fast
