@@ -105,7 +105,7 @@ REQUIRED = ("KASAN", "PROVE_LOCKING", "DEBUG_ATOMIC_SLEEP", "UBSAN", "PCI_MSI",
 
 # Console lines that mean a checker fired.
 CHECKER_LINE = re.compile(
-    r"BUG: KASAN|BUG: |UBSAN: |WARNING: |possible circular locking|"
+    r"BUG: |UBSAN: |WARNING: |possible circular locking|"
     r"possible recursive locking|inconsistent lock state|lock held when returning|"
     r"sleeping function called from invalid context|Oops|general protection fault|"
     r"list_(add|del) corruption|ODEBUG: |blocked for more than")

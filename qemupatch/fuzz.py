@@ -398,6 +398,13 @@ def _op_ring(dev: _Device, rng: random.Random) -> str:
     return text
 
 
+def _ring_segments(off: int, n: int) -> list[tuple[int, int]]:
+    """``n`` ring bytes from offset ``off``: (offset, size) up to the ring's
+    end, then from its start (empty pieces left out)."""
+    first = min(n, BUFSIZE - off)
+    return [(base, size) for base, size in ((off, first), (0, n - first)) if size]
+
+
 def _op_stream(dev: _Device, rng: random.Random) -> str:
     """One well-formed ring step, as a driver does it (on a device that
     may not be streaming, or has failed: harmless then)."""
@@ -412,11 +419,9 @@ def _op_stream(dev: _Device, rng: random.Random) -> str:
         room = BUFSIZE - ((prod - dev.qt.read(4, BAR3 + TX_CONS)) & 0xFFFFFFFF)
         n = min(max(room, 0), rng.choice((1, 7, 64, 1000, BUFSIZE)))
         off = prod & mask
-        first = min(n, BUFSIZE - off)
-        for base, size in ((off, first), (0, n - first)):
-            if size:
-                data = rng.getrandbits(8 * size).to_bytes(size, "little").hex()
-                dev.qt.cmd(f"write {BAR2 + base:#x} {size} 0x{data}")
+        for base, size in _ring_segments(off, n):
+            data = rng.getrandbits(8 * size).to_bytes(size, "little").hex()
+            dev.qt.cmd(f"write {BAR2 + base:#x} {size} 0x{data}")
         dev.qt.write(4, BAR3 + TX_PROD, (prod + n) & 0xFFFFFFFF)
         if dev.qt.read(4, BAR3 + DEV_FLAGS) & TX_KICK or rng.random() < 0.1:
             dev.qt.write(4, BAR0 + REG_DOORBELL, 1)
@@ -425,10 +430,8 @@ def _op_stream(dev: _Device, rng: random.Random) -> str:
     avail = (dev.qt.read(4, BAR3 + RX_PROD) - cons) & 0xFFFFFFFF
     n = min(avail, rng.choice((1, 16, 500, BUFSIZE))) if avail <= BUFSIZE else 0
     off = cons & mask
-    first = min(n, BUFSIZE - off)
-    for base, size in ((off, first), (0, n - first)):
-        if size:
-            dev.qt.cmd(f"read {BAR1 + base:#x} {size}")
+    for base, size in _ring_segments(off, n):
+        dev.qt.cmd(f"read {BAR1 + base:#x} {size}")
     dev.qt.write(4, BAR3 + RX_CONS, (cons + n) & 0xFFFFFFFF)
     if dev.qt.read(4, BAR3 + DEV_FLAGS) & RX_KICK or rng.random() < 0.1:
         dev.qt.write(4, BAR0 + REG_DOORBELL, 2)
